@@ -1,0 +1,1 @@
+"""Ring dilated attention: exact LongNet attention on sequences split across processes."""

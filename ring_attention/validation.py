@@ -1,0 +1,142 @@
+"""Argument checks shared by the reference, the lessons and the production package.
+
+Every rule raises a ``ValueError`` (or ``TypeError``) whose message names the argument, the value it
+had and how to fix it. Nothing is clamped or silently adjusted.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+
+import torch
+
+HEAD_MODES = ("all", "groups")
+
+
+def check_pairs(segment_lengths: Sequence[int], dilation_rates: Sequence[int]) -> None:
+    """Check the (segment length, dilation rate) pairs of a configuration."""
+    for name, values in (("segment_lengths", segment_lengths), ("dilation_rates", dilation_rates)):
+        if isinstance(values, (str, bytes)) or not isinstance(values, Sequence):
+            raise TypeError(f"{name} must be a list of positive ints, got {values!r}")
+        if len(values) == 0:
+            raise ValueError(f"{name} is empty; give at least one (segment length, dilation rate) pair")
+        for value in values:
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"{name} must hold ints, got {value!r} in {list(values)}")
+            if value <= 0:
+                raise ValueError(f"{name} must be positive, got {value} in {list(values)}")
+    if len(segment_lengths) != len(dilation_rates):
+        raise ValueError(
+            f"segment_lengths and dilation_rates must have the same length, got "
+            f"{len(segment_lengths)} and {len(dilation_rates)}: give one dilation rate per segment length"
+        )
+    for i, (w, r) in enumerate(zip(segment_lengths, dilation_rates)):
+        if r > w:
+            raise ValueError(
+                f"dilation_rates[{i}]={r} is larger than segment_lengths[{i}]={w}; "
+                f"a segment must hold at least one position per head offset, use a rate <= {w}"
+            )
+
+
+def check_sequence_length(seq_len: int, segment_lengths: Sequence[int]) -> None:
+    """The sequence must be cut into whole segments by every pair (segments longer than it are cut to it)."""
+    for i, w in enumerate(segment_lengths):
+        w_eff = min(w, seq_len)
+        if seq_len % w_eff != 0:
+            raise ValueError(
+                f"sequence length {seq_len} must be divisible by every segment length; "
+                f"{seq_len} % {w} != 0 (segment_lengths[{i}]): pad the sequence or change the segment"
+            )
+
+
+def check_head_mode(head_mode: str, num_heads: int, num_pairs: int) -> None:
+    if head_mode not in HEAD_MODES:
+        raise ValueError(f"head_mode must be one of {HEAD_MODES}, got {head_mode!r}")
+    if head_mode == "groups" and num_heads < num_pairs:
+        raise ValueError(
+            f"head_mode='groups' needs num_heads >= number of pairs, got num_heads={num_heads} "
+            f"for {num_pairs} pairs: use fewer pairs, more heads, or head_mode='all'"
+        )
+
+
+def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, allow_gqa: bool = False) -> None:
+    """q, k, v are ``[batch, seq, heads, head_dim]`` on one device with one dtype.
+
+    With ``allow_gqa`` k and v may have fewer heads than q, as long as they divide it.
+    """
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"{name} must be 4-D [batch, seq, heads, head_dim], got shape {tuple(t.shape)}")
+        if not t.is_floating_point():
+            raise TypeError(f"{name} must be a floating point tensor, got dtype {t.dtype}")
+    for name, t in (("k", k), ("v", v)):
+        if t.dtype != q.dtype:
+            raise ValueError(f"{name}.dtype={t.dtype} differs from q.dtype={q.dtype}: cast them to one dtype")
+        if t.device != q.device:
+            raise ValueError(f"{name}.device={t.device} differs from q.device={q.device}: move them to one device")
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape, got k {tuple(k.shape)} and v {tuple(v.shape)}")
+    if q.shape[:2] != k.shape[:2] or q.shape[3] != k.shape[3]:
+        raise ValueError(
+            f"q {tuple(q.shape)} and k {tuple(k.shape)} must agree on batch, seq and head_dim "
+            f"(dilated attention is self-attention over one sequence)"
+        )
+    heads, kv_heads = q.shape[2], k.shape[2]
+    if allow_gqa:
+        if heads % kv_heads != 0:
+            raise ValueError(
+                f"k has {kv_heads} heads, which does not divide q's {heads} heads: grouped-query attention "
+                f"needs num_heads % num_kv_heads == 0"
+            )
+    elif heads != kv_heads:
+        raise ValueError(f"q has {heads} heads and k has {kv_heads}: they must be equal here")
+
+
+def warn_uncovered(dilation_rates: Sequence[int]) -> None:
+    """Rows that no pair selects are 0; that is legal but rarely wanted, so say it once."""
+    if 1 not in dilation_rates:
+        warnings.warn(
+            f"no pair has dilation rate 1 (dilation_rates={list(dilation_rates)}): some (head, position) "
+            f"rows are selected by no pair and their output is 0",
+            UserWarning,
+            stacklevel=3,
+        )
+
+
+def check_sharding(
+    seq_len: int, world_size: int, segment_lengths: Sequence[int], dilation_rates: Sequence[int]
+) -> int:
+    """Check that a sequence of ``seq_len`` tokens can be split over ``world_size`` ranks.
+
+    Returns the shard length ``L``. DESIGN.md §3: a pair whose segment fits in a shard needs
+    ``L % w == 0``; a pair whose segment spans ranks needs ``w % L == 0`` and ``L % r == 0``.
+    """
+    if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size <= 0:
+        raise ValueError(f"world_size must be a positive int, got {world_size!r}")
+    if seq_len % world_size != 0:
+        raise ValueError(
+            f"sequence length {seq_len} must be divisible by world_size={world_size}: "
+            f"pad the sequence or use a world size that divides it"
+        )
+    shard = seq_len // world_size
+    for i, (w, r) in enumerate(zip(segment_lengths, dilation_rates)):
+        w_eff = min(w, seq_len)
+        if w_eff <= shard and shard % w_eff != 0:
+            raise ValueError(
+                f"pair {i} (w={w}, r={r}): shard length {shard} must be a multiple of the segment length "
+                f"{w_eff} (L % w == 0) so that no segment is cut by a rank boundary"
+            )
+        if w_eff > shard and w_eff % shard != 0:
+            raise ValueError(
+                f"pair {i} (w={w}, r={r}): a segment longer than a shard must cover whole shards; "
+                f"{w_eff} % {shard} != 0 (w % L == 0): change the world size or the segment length"
+            )
+        if w_eff > shard and shard % r != 0:
+            raise ValueError(
+                f"pair {i} (w={w}, r={r}): shard length {shard} must be divisible by the dilation rate "
+                f"{r} (L % r == 0) so every rank holds the same number of dilated tokens"
+            )
+    return shard

@@ -1,0 +1,86 @@
+"""A problem, its shards, and the per-rank worker that runs any stage on them.
+
+The tests, the notebooks and the tour all ask the same question: "run stage X on P ranks, forward and
+backward, and give me every rank's rows". The worker lives here, in an importable module, because
+spawned processes cannot import functions defined in a notebook.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import resource
+import time
+from dataclasses import dataclass
+
+import torch
+
+# stage name -> module exposing ring_dilated_attention(q, k, v, segment_lengths, dilation_rates, ...)
+DISTRIBUTED_STAGES = {
+    "stage 2: true ring": "lessons.stage2_true_ring",
+    "stage 3: collective": "lessons.stage3_collective",
+}
+
+
+@dataclass(frozen=True)
+class Problem:
+    """Full-sequence inputs, made the same way on every rank from ``seed``."""
+
+    seq_len: int = 256
+    segment_lengths: tuple[int, ...] = (32, 64, 128, 256)
+    dilation_rates: tuple[int, ...] = (1, 2, 4, 8)
+    batch: int = 2
+    heads: int = 5
+    head_dim: int = 8
+    causal: bool = False
+    head_mode: str = "all"
+    dtype: torch.dtype = torch.float64
+    seed: int = 0
+
+    def inputs(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``q, k, v`` and the output gradient ``grad_out``, all ``[B, N, H, D]``."""
+        gen = torch.Generator().manual_seed(self.seed)
+        shape = (self.batch, self.seq_len, self.heads, self.head_dim)
+        return tuple(torch.randn(shape, generator=gen, dtype=torch.float64).to(self.dtype) for _ in range(4))
+
+    def options(self) -> dict:
+        return dict(causal=self.causal, head_mode=self.head_mode)
+
+
+def shard(x: torch.Tensor, rank: int, world_size: int) -> torch.Tensor:
+    """Rank ``rank``'s contiguous slice of the sequence dimension (dim 1)."""
+    return x.chunk(world_size, dim=1)[rank]
+
+
+def _resident_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def run_stage(rank: int, world_size: int, module: str, problem: Problem) -> dict:
+    """Run ``module.ring_dilated_attention`` on this rank's shard, forward and backward.
+
+    Returns this rank's ``out``, ``dq``, ``dk``, ``dv``, the wall time of forward+backward in seconds,
+    and ``peak_bytes``: how far the process's peak resident memory rose above its resident memory
+    just before the call (Linux ``ru_maxrss``; a whole-process measure, so it includes allocator slack).
+    """
+    attention = importlib.import_module(module).ring_dilated_attention
+    q, k, v, grad_out = (shard(t, rank, world_size) for t in problem.inputs())
+    q, k, v = (t.clone().requires_grad_(True) for t in (q, k, v))
+    before = _resident_bytes()
+    start = time.perf_counter()
+    out = attention(q, k, v, list(problem.segment_lengths), list(problem.dilation_rates), **problem.options())
+    dq, dk, dv = torch.autograd.grad(out, (q, k, v), grad_out)
+    seconds = time.perf_counter() - start
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
+    return dict(out=out.detach(), dq=dq, dk=dk, dv=dv, seconds=seconds, peak_bytes=max(peak, 0))
+
+
+def run_battery(rank: int, world_size: int, problems: list[Problem], modules: list[str]) -> list[list[dict]]:
+    """``run_stage`` for every problem and module, in one process start: ``result[problem][module]``."""
+    return [[run_stage(rank, world_size, m, p) for m in modules] for p in problems]
+
+
+def gather_ranks(results: list[dict], key: str) -> torch.Tensor:
+    """Concatenate every rank's ``key`` tensor along the sequence: the full ``[B, N, H, D]`` result."""
+    return torch.cat([r[key] for r in results], dim=1)

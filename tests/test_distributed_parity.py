@@ -1,0 +1,86 @@
+"""Every distributed stage on real gloo processes, against the stage before it and the float64 truth.
+
+The ranks are started once per world size and run the whole grid for every stage (a process start
+costs seconds here). Stage 2 is compared with stage 1 (simulated ring), stage k with stage k - 1.
+"""
+
+import pytest
+import torch
+from helpers import rel_err
+
+import reference
+from lessons.harness import DISTRIBUTED_STAGES, Problem, gather_ranks, run_battery
+from lessons.launch import run_on_ranks
+from lessons.stage1_simulated_ring import simulated_ring_dilated_attention
+
+CONFIGS = {
+    "mixed": ((32, 64, 128, 256), (1, 2, 4, 8)),  # at P=8: one local pair, three spanning 2, 4, 8 ranks
+    "local": ((8, 32), (1, 2)),  # all local up to P=8
+    "spanning": ((256, 128), (1, 4)),  # all spanning from P=2
+}
+PROBLEMS = [
+    Problem(segment_lengths=s, dilation_rates=r, causal=causal, head_mode=mode, dtype=dtype, seed=i)
+    for i, ((s, r), causal, mode, dtype) in enumerate(
+        (c, causal, mode, dtype)
+        for c in CONFIGS.values()
+        for causal in (False, True)
+        for mode in ("all", "groups")  # 5 heads over 4 pairs / 2 pairs: uneven groups
+        for dtype in (torch.float64, torch.float32)
+    )
+]
+TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5}
+STAGES = list(DISTRIBUTED_STAGES.values())
+NAMES = ("out", "dq", "dk", "dv")
+
+
+def stage1_rows(problem: Problem, world_size: int) -> dict:
+    q, k, v, grad_out = problem.inputs()
+    q, k, v = (t.clone().requires_grad_(True) for t in (q, k, v))
+    out = simulated_ring_dilated_attention(
+        q, k, v, list(problem.segment_lengths), list(problem.dilation_rates), world_size=world_size,
+        **problem.options(),
+    )
+    return dict(zip(NAMES, (out.detach(), *torch.autograd.grad(out, (q, k, v), grad_out))))
+
+
+def reference_rows(problem: Problem) -> dict:
+    q, k, v, grad_out = problem.inputs()
+    q, k, v = (t.clone().requires_grad_(True) for t in (q, k, v))
+    out = reference.dilated_attention(
+        q, k, v, list(problem.segment_lengths), list(problem.dilation_rates), **problem.options()
+    )
+    return dict(zip(NAMES, (out.detach(), *torch.autograd.grad(out, (q, k, v), grad_out))))
+
+
+@pytest.fixture(scope="module", params=[2, 4, 8], ids=lambda p: f"P={p}")
+def results(request):
+    """``(world_size, rows)``: ``rows[problem][stage][name]`` is the full tensor gathered from all ranks."""
+    world_size = request.param
+    per_rank = run_on_ranks(run_battery, world_size, PROBLEMS, STAGES)
+    rows = [
+        [{name: gather_ranks([r[i][s] for r in per_rank], name) for name in NAMES} for s in range(len(STAGES))]
+        for i in range(len(PROBLEMS))
+    ]
+    return world_size, rows
+
+
+def assert_close(actual: dict, expected: dict, tol: float, what: str) -> None:
+    for name in NAMES:
+        err = rel_err(actual[name], expected[name])
+        assert err < tol, f"{what} {name}: relative error {err:.2e} > {tol:.0e}"
+
+
+@pytest.mark.parametrize("stage", range(len(STAGES)), ids=STAGES)
+def test_stage_matches_the_stage_before(results, stage):
+    world_size, rows = results
+    for i, problem in enumerate(PROBLEMS):
+        before = stage1_rows(problem, world_size) if stage == 0 else rows[i][stage - 1]
+        assert_close(rows[i][stage], before, TOLERANCE[problem.dtype], f"{problem}")
+
+
+@pytest.mark.parametrize("stage", range(len(STAGES)), ids=STAGES)
+def test_stage_matches_reference_in_float64(results, stage):
+    _, rows = results
+    for i, problem in enumerate(PROBLEMS):
+        if problem.dtype == torch.float64:
+            assert_close(rows[i][stage], reference_rows(problem), 1e-10, f"{problem}")

@@ -1,0 +1,85 @@
+"""Functions run on spawned ranks by the tests (importable, as spawn requires)."""
+
+import time
+
+import torch
+import torch.distributed as dist
+
+import lessons.stage2_true_ring as stage2
+from lessons.harness import Problem, run_stage
+
+
+def raise_on_rank_one(rank, world_size):
+    if rank == 1:
+        raise ValueError("rank one gives up")
+    dist.barrier()  # the other ranks wait for rank 1 here, forever unless the launcher stops them
+    return rank
+
+
+def sleep_forever(rank, world_size):
+    time.sleep(3600)
+
+
+def shard_shapes_disagree(rank, world_size, module):
+    problem = Problem(seq_len=64, segment_lengths=(16, 64), dilation_rates=(1, 2))
+    q, k, v, _ = problem.inputs()
+    length = 16 if rank == 1 else 32  # rank 1 got the wrong slice
+    return __import__(module, fromlist=["x"]).ring_dilated_attention(q[:, :length], k[:, :length], v[:, :length],
+                                                                     [16, 64], [1, 2])
+
+
+def record_exchanged_shapes(rank, world_size, problem: Problem):
+    """Run stage 2 forward and backward and return the shape of every tensor sent to another rank."""
+    sent = []
+    original = stage2.exchange
+
+    def recording_exchange(tensors, send_to, recv_from, group):
+        sent.extend(tuple(t.shape) for t in tensors)
+        return original(tensors, send_to, recv_from, group)
+
+    stage2.exchange = recording_exchange
+    try:
+        run_stage(rank, world_size, "lessons.stage2_true_ring", problem)
+    finally:
+        stage2.exchange = original
+    return sent
+
+
+def all_reduce_sum(rank, world_size):
+    x = torch.tensor([float(rank + 1)])
+    dist.all_reduce(x)
+    return x
+
+
+def stage3_groups_are_cached(rank, world_size):
+    """Call stage 3 twice; return how many process groups each call created and the cached groups."""
+    import lessons.stage3_collective as stage3
+
+    created = []
+    original = dist.new_group
+
+    def counting_new_group(*args, **kwargs):
+        created.append(args[0] if args else kwargs.get("ranks"))
+        return original(*args, **kwargs)
+
+    dist.new_group = counting_new_group
+    problem = Problem(segment_lengths=(32, 128, 256), dilation_rates=(1, 4, 8))
+    counts = []
+    try:
+        for _ in range(2):
+            before = len(created)
+            run_stage(rank, world_size, "lessons.stage3_collective", problem)
+            counts.append(len(created) - before)
+    finally:
+        dist.new_group = original
+    return counts, sorted(stage3.SEGMENT_GROUPS)
+
+
+def stage3_in_a_subgroup(rank, world_size):
+    import lessons.stage3_collective as stage3
+
+    half = dist.new_group([0, 1])
+    if rank < 2:
+        q = torch.zeros(1, 8, 2, 4)
+        stage3.ring_dilated_attention(q, q, q, [16], [1], group=half)
+    return rank

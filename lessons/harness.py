@@ -57,21 +57,32 @@ def _resident_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def run_stage(rank: int, world_size: int, module: str, problem: Problem) -> dict:
-    """Run ``module.ring_dilated_attention`` on this rank's shard, forward and backward.
+def run_stage(
+    rank: int, world_size: int, target: str, problem: Problem, options: dict | None = None, warmup: bool = False
+) -> dict:
+    """Run ``target`` on this rank's shard, forward and backward.
 
+    ``target`` is a module exposing ``ring_dilated_attention`` or ``"module:function"`` for a function
+    with the same leading arguments (the reference, stage 1); ``options`` are extra keyword arguments.
+    With ``warmup`` the call is made once before the measured one (first calls set up connections).
     Returns this rank's ``out``, ``dq``, ``dk``, ``dv``, the wall time of forward+backward in seconds,
     and ``peak_bytes``: how far the process's peak resident memory rose above its resident memory
-    just before the call (Linux ``ru_maxrss``; a whole-process measure, so it includes allocator slack).
+    just before the measured call (Linux ``ru_maxrss``; a whole-process measure, allocator slack included).
     """
-    attention = importlib.import_module(module).ring_dilated_attention
+    module, _, name = target.partition(":")
+    attention = getattr(importlib.import_module(module), name or "ring_dilated_attention")
     q, k, v, grad_out = (shard(t, rank, world_size) for t in problem.inputs())
     q, k, v = (t.clone().requires_grad_(True) for t in (q, k, v))
-    before = _resident_bytes()
-    start = time.perf_counter()
-    out = attention(q, k, v, list(problem.segment_lengths), list(problem.dilation_rates), **problem.options())
-    dq, dk, dv = torch.autograd.grad(out, (q, k, v), grad_out)
-    seconds = time.perf_counter() - start
+    pairs = list(problem.segment_lengths), list(problem.dilation_rates)
+    kwargs = {**problem.options(), **(options or {})}
+    for measured in ([False, True] if warmup else [True]):
+        before = _resident_bytes()
+        start = time.perf_counter()
+        out = attention(q, k, v, *pairs, **kwargs)
+        dq, dk, dv = torch.autograd.grad(out, (q, k, v), grad_out)
+        seconds = time.perf_counter() - start
+        if not measured:
+            del out, dq, dk, dv
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
     return dict(out=out.detach(), dq=dq, dk=dk, dv=dv, seconds=seconds, peak_bytes=max(peak, 0))
 

@@ -2,7 +2,7 @@
 
 Used by the tests, the notebooks and the tour. ``fn`` must be importable (defined in a module, not in a
 notebook cell: spawned processes import it by name). Every rank's return value (tensors included) comes
-back to the caller; a rank that raises makes :func:`run_on_ranks` terminate every rank and raise with
+back to the caller; a rank that raises makes `run_on_ranks` terminate every rank and raise with
 that rank's traceback, and a group that does not finish within ``timeout`` seconds is terminated too,
 so nothing hangs. Children print nothing: their output would interleave unpredictably in a notebook,
 so results travel back through a queue and the caller prints them.

@@ -10,7 +10,7 @@ What changes from stage 0 (``reference``): nothing is dense any more. The sequen
    to the next rank and receives the previous rank's, ``G`` times. Here the "network" is a Python
    list rotated by one place; stage 2 makes it real.
 3. The partial results (one per key block, one per pair) are combined by the online log-sum-exp merge,
-   :func:`merge_partials`, which is exact: the ring computes the same numbers as the dense softmax.
+   `merge_partials`, which is exact: the ring computes the same numbers as the dense softmax.
 
 Causal attention skips key blocks that lie wholly in the future (they are never computed) and masks the
 diagonal block, where a rank attends to its own keys. Gradients come from autograd.

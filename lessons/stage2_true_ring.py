@@ -2,7 +2,7 @@
 
 What changes from stage 1: the ``world_size`` virtual ranks become processes (``torch.distributed``;
 gloo on the CPU). Each process holds only its own ``[B, L, H, D]`` shard and returns its own rows. The
-list rotation of :func:`lessons.stage1_simulated_ring.ring_pass` becomes :func:`exchange`, a
+list rotation of `lessons.stage1_simulated_ring.ring_pass` becomes `exchange`, a
 ``batch_isend_irecv`` that sends the held dilated keys/values to the next rank of the segment group and
 receives the previous rank's. The block math and the merge are stage 1's, unchanged.
 
@@ -10,7 +10,7 @@ What is new is the backward. Autograd cannot see through ``isend``/``irecv``, so
 custom ``torch.autograd.Function``. Its forward saves only the local shards, the output and the
 log-sum-exp (LSE). Its backward recomputes each block's probabilities from the *global* LSE of the row,
 ``P = exp(S - lse)``, which is the block's exact share of the full softmax, so each block yields its
-exact piece of dq, dk and dv (:func:`block_attention_backward`). dq stays home; the dk/dv of a key block
+exact piece of dq, dk and dv (`block_attention_backward`). dq stays home; the dk/dv of a key block
 belong to the rank that owns those keys, so they travel around the ring with the keys and take one last
 hop home (Liu et al. 2023, "Ring Attention with Blockwise Transformers").
 """

@@ -6,7 +6,7 @@ attends its own dilated queries to them. Same bytes on the wire per rank, ``(G -
 one collective instead of ``G - 1`` steps, and the rank now holds the gathered ``w / r`` tokens at once
 (constant when ``w / r`` is constant, the paper's argument for its pair choice).
 
-Gradients: the all-gather is a small ``torch.autograd.Function`` (:class:`AllGather`) whose backward is a
+Gradients: the all-gather is a small ``torch.autograd.Function`` (`AllGather`) whose backward is a
 ``reduce_scatter``: the gradient of the gathered buffer holds, on every rank, a piece for each owner, and
 each owner receives the sum of its pieces. Everything else is plain autograd, as in stage 1, so this
 stage needs no hand-written attention backward. The gathers run on one process group per segment group,

@@ -48,7 +48,9 @@ def attention(
     """Softmax attention on ``[B, N, H, D]`` tensors with an optional boolean mask.
 
     Args:
-        q, k, v: ``[batch, seq, heads, head_dim]``.
+        q: queries ``[batch, seq, heads, head_dim]``.
+        k: keys, same shape.
+        v: values, same shape.
         mask: boolean, broadcastable to ``[B, H, N_q, N_k]``; ``True`` means "may attend".
         causal: also forbid keys after the query.
         return_lse: also return the log-sum-exp of the scores, ``[B, N, H]`` (``-inf`` for a query
@@ -140,8 +142,11 @@ def dilated_attention(
     """LongNet dilated attention, dense: one masked attention per pair, merged by log-sum-exp (Eq. 10).
 
     Args:
-        q, k, v: ``[batch, seq, heads, head_dim]``, same shape, dtype and device.
-        segment_lengths, dilation_rates: the pairs ``(w_i, r_i)``.
+        q: queries ``[batch, seq, heads, head_dim]``.
+        k: keys, same shape, dtype and device as ``q``.
+        v: values, same shape, dtype and device as ``q``.
+        segment_lengths: the segment length ``w_i`` of each pair.
+        dilation_rates: the dilation rate ``r_i`` of each pair.
         causal: a query attends only to keys at or before its position.
         head_mode: ``"all"`` (every head takes every pair) or ``"groups"`` (head group i takes pair i).
         return_lse: also return the merged log-sum-exp ``[B, N, H]``.

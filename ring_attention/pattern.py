@@ -132,7 +132,7 @@ def gather_rows(x: torch.Tensor, piece: int, positions: torch.Tensor, heads: tor
 def scatter_rows(
     buffer: torch.Tensor, piece: int, positions: torch.Tensor, heads: torch.Tensor, rows: torch.Tensor
 ) -> None:
-    """Write ``rows`` (as returned by :func:`gather_rows`) back into ``buffer`` [B, L, H, ...] in place."""
+    """Write ``rows`` (as returned by `gather_rows`) back into ``buffer`` [B, L, H, ...] in place."""
     batch, length = buffer.shape[:2]
     buffer.view(batch * (length // piece), piece, *buffer.shape[2:])[:, positions, heads] = rows
 

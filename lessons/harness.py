@@ -19,6 +19,7 @@ import torch
 DISTRIBUTED_STAGES = {
     "stage 2: true ring": "lessons.stage2_true_ring",
     "stage 3: collective": "lessons.stage3_collective",
+    "stage 4: flash": "lessons.stage4_flash",
 }
 
 
@@ -95,3 +96,15 @@ def run_battery(rank: int, world_size: int, problems: list[Problem], modules: li
 def gather_ranks(results: list[dict], key: str) -> torch.Tensor:
     """Concatenate every rank's ``key`` tensor along the sequence: the full ``[B, N, H, D]`` result."""
     return torch.cat([r[key] for r in results], dim=1)
+
+
+def run_with_timeline(rank: int, world_size: int, problem: Problem, overlap: bool) -> list[dict]:
+    """Stage 4 forward and backward with its per-step ``timeline``, times relative to the call's start.
+
+    A first, unrecorded call sets up the connections, so that the timeline shows the steady state.
+    """
+    run_stage(rank, world_size, "lessons.stage4_flash", problem, {"overlap": overlap})
+    timeline: list[dict] = []
+    start = time.perf_counter()
+    run_stage(rank, world_size, "lessons.stage4_flash", problem, {"overlap": overlap, "timeline": timeline})
+    return [dict(entry, start=entry["start"] - start, end=entry["end"] - start) for entry in timeline]

@@ -38,18 +38,34 @@ def check_same_shapes(q: torch.Tensor, k: torch.Tensor, group: dist.ProcessGroup
         raise ValueError(f"q/k shard shapes differ between ranks ({listed}): every rank must pass the same shapes")
 
 
-def exchange(
+def start_exchange(
     tensors: Sequence[torch.Tensor], send_to: int, recv_from: int, group: dist.ProcessGroup | None
-) -> list[torch.Tensor]:
-    """Send ``tensors`` to group rank ``send_to`` and receive same-shaped ones from ``recv_from``."""
+) -> tuple[list[torch.Tensor], list]:
+    """Post sends of ``tensors`` to group rank ``send_to`` and receives of same-shaped ones from ``recv_from``.
+
+    Returns the receive buffers and the requests; the buffers are valid once every request has been waited on.
+    """
     group = group or dist.group.WORLD
     outgoing = [t.contiguous() for t in tensors]
     incoming = [torch.empty_like(t) for t in outgoing]
     ops = [dist.P2POp(dist.isend, t, dist.get_global_rank(group, send_to), group) for t in outgoing]
     ops += [dist.P2POp(dist.irecv, t, dist.get_global_rank(group, recv_from), group) for t in incoming]
-    for request in dist.batch_isend_irecv(ops):
+    return incoming, dist.batch_isend_irecv(ops)
+
+
+def finish_exchange(pending: tuple[list[torch.Tensor], list]) -> list[torch.Tensor]:
+    """Wait for an exchange posted by `start_exchange` and return what was received."""
+    incoming, requests = pending
+    for request in requests:
         request.wait()
     return incoming
+
+
+def exchange(
+    tensors: Sequence[torch.Tensor], send_to: int, recv_from: int, group: dist.ProcessGroup | None
+) -> list[torch.Tensor]:
+    """Send ``tensors`` to group rank ``send_to`` and receive same-shaped ones from ``recv_from``, blocking."""
+    return finish_exchange(start_exchange(tensors, send_to, recv_from, group))
 
 
 def block_attention_backward(
@@ -83,7 +99,8 @@ def block_attention_backward(
     return dq, dk, dv
 
 
-def _ring_neighbours(layout: PairLayout, rank: int) -> tuple[int, int, int]:
+def ring_neighbours(layout: PairLayout, rank: int) -> tuple[int, int, int]:
+    """``rank``'s index in its segment group, the rank it sends to and the rank it receives from."""
     members = layout.segment_group(rank)
     me = members.index(rank)
     return me, members[(me + 1) % len(members)], members[(me - 1) % len(members)]
@@ -91,7 +108,7 @@ def _ring_neighbours(layout: PairLayout, rank: int) -> tuple[int, int, int]:
 
 def ring_forward(q_dil, k_dil, v_dil, layout, rank, *, causal, scale, group):
     """This rank's ``(out, lse)`` for one spanning pair: its dilated queries against the group's keys."""
-    me, send_to, recv_from = _ring_neighbours(layout, rank)
+    me, send_to, recv_from = ring_neighbours(layout, rank)
     held = [k_dil, v_dil]
     out = lse = None
     for step in range(layout.group_size):
@@ -106,7 +123,7 @@ def ring_forward(q_dil, k_dil, v_dil, layout, rank, *, causal, scale, group):
 
 def ring_backward(dout_dil, q_dil, k_dil, v_dil, out_dil, lse_dil, layout, rank, *, causal, scale, group):
     """dq of this rank's dilated rows, and dk/dv of its own keys after they have travelled the ring."""
-    me, send_to, recv_from = _ring_neighbours(layout, rank)
+    me, send_to, recv_from = ring_neighbours(layout, rank)
     acc = accumulation_dtype(q_dil.dtype)
     held = [k_dil, v_dil]
     dq = torch.zeros_like(q_dil, dtype=acc)

@@ -1,12 +1,13 @@
 """Functions run on spawned ranks by the tests (importable, as spawn requires)."""
 
+import importlib
 import time
 
 import torch
 import torch.distributed as dist
 
 import lessons.stage2_true_ring as stage2
-from lessons.harness import Problem, run_stage
+from lessons.harness import Problem, run_stage, shard
 
 
 def raise_on_rank_one(rank, world_size):
@@ -83,3 +84,31 @@ def stage3_in_a_subgroup(rank, world_size):
         q = torch.zeros(1, 8, 2, 4)
         stage3.ring_dilated_attention(q, q, q, [16], [1], group=half)
     return rank
+
+
+def largest_tensor_created(rank, world_size, module, problem: Problem):
+    """The most elements of any tensor an operator returns while ``module`` runs forward and backward."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class LargestOutput(TorchDispatchMode):
+        largest = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            result = func(*args, **(kwargs or {}))
+            for t in result if isinstance(result, (tuple, list)) else [result]:
+                if isinstance(t, torch.Tensor):
+                    LargestOutput.largest = max(LargestOutput.largest, t.numel())
+            return result
+
+    attention = importlib.import_module(module).ring_dilated_attention
+    q, k, v, grad_out = (shard(t, rank, world_size).clone() for t in problem.inputs())
+    q, k, v = (t.requires_grad_(True) for t in (q, k, v))
+    with LargestOutput():
+        out = attention(q, k, v, list(problem.segment_lengths), list(problem.dilation_rates), **problem.options())
+        torch.autograd.grad(out, (q, k, v), grad_out)
+    return LargestOutput.largest
+
+
+def stage4_overlap_on_and_off(rank, world_size, problem: Problem):
+    stage = "lessons.stage4_flash"
+    return [run_stage(rank, world_size, stage, problem, {"overlap": overlap}) for overlap in (True, False)]

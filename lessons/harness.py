@@ -14,12 +14,17 @@ import time
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
+
+import ring_attention
 
 # stage name -> module exposing ring_dilated_attention(q, k, v, segment_lengths, dilation_rates, ...)
 DISTRIBUTED_STAGES = {
     "stage 2: true ring": "lessons.stage2_true_ring",
     "stage 3: collective": "lessons.stage3_collective",
     "stage 4: flash": "lessons.stage4_flash",
+    "stage 5: production, ring": "lessons.harness:production_ring",
+    "stage 5: production, allgather": "lessons.harness:production_allgather",
 }
 
 
@@ -46,6 +51,20 @@ class Problem:
 
     def options(self) -> dict:
         return dict(causal=self.causal, head_mode=self.head_mode)
+
+
+def production_ring(q, k, v, segment_lengths, dilation_rates, **options) -> torch.Tensor:
+    """The production core with the sequence split over the whole world (the lessons' setting), by ring."""
+    return ring_attention.ring_dilated_attention(
+        q, k, v, segment_lengths, dilation_rates, group=dist.group.WORLD, comm="ring", **options
+    )
+
+
+def production_allgather(q, k, v, segment_lengths, dilation_rates, **options) -> torch.Tensor:
+    """The production core with the sequence split over the whole world, by all-gather."""
+    return ring_attention.ring_dilated_attention(
+        q, k, v, segment_lengths, dilation_rates, group=dist.group.WORLD, comm="allgather", **options
+    )
 
 
 def shard(x: torch.Tensor, rank: int, world_size: int) -> torch.Tensor:

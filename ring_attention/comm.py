@@ -1,0 +1,138 @@
+"""Communication for sequence parallelism: process groups, ring exchanges, gathers, sequence helpers.
+
+Ranks are *group-relative* everywhere in this package (rank ``p`` of the sequence group holds tokens
+``[p L, (p + 1) L)``); point-to-point messages are addressed with the global rank resolved from the group,
+so a sequence group inside a 2-D (data x sequence) mesh works.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh
+
+from ring_attention.pattern import PairLayout
+
+GroupLike = dist.ProcessGroup | DeviceMesh | None
+
+# (default group, global ranks) -> process group of one segment group, made once per process
+_SEGMENT_GROUPS: dict[tuple, dist.ProcessGroup] = {}
+
+
+def resolve_group(group: GroupLike) -> dist.ProcessGroup | None:
+    """A ``ProcessGroup`` for a group or a 1-D ``DeviceMesh``; ``None`` stays ``None`` (no sequence parallelism)."""
+    if group is None or isinstance(group, dist.ProcessGroup):
+        return group
+    if isinstance(group, DeviceMesh):
+        if group.ndim != 1:
+            raise ValueError(
+                f"group must be a 1-D DeviceMesh, got a {group.ndim}-D mesh {group.mesh_dim_names}: "
+                f"pass the sequence dimension, e.g. mesh['sp']"
+            )
+        return group.get_group()
+    raise TypeError(f"group must be a ProcessGroup, a 1-D DeviceMesh or None, got {type(group).__name__}")
+
+
+def group_rank_and_size(group: dist.ProcessGroup | None) -> tuple[int, int]:
+    return (0, 1) if group is None else (dist.get_rank(group), dist.get_world_size(group))
+
+
+def check_same_shapes(q: torch.Tensor, k: torch.Tensor, group: dist.ProcessGroup) -> None:
+    """Raise on every rank, instead of hanging in a receive, when the ranks' shards differ in shape."""
+    mine = torch.tensor([*q.shape, *k.shape], device=q.device)
+    shapes = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(shapes, mine, group=group)
+    if any(not torch.equal(s, shapes[0]) for s in shapes):
+        listed = ", ".join(f"rank {r}: q {s[:4].tolist()} k {s[4:].tolist()}" for r, s in enumerate(shapes))
+        raise ValueError(
+            f"the q/k shards differ between the ranks of the sequence group ({listed}): every rank must pass "
+            f"its own equal-length slice of the same sequence"
+        )
+
+
+def start_exchange(tensors: list[torch.Tensor], send_to: int, recv_from: int, group: dist.ProcessGroup):
+    """Post sends to group rank ``send_to`` and receives from ``recv_from``; returns (buffers, requests)."""
+    outgoing = [t.contiguous() for t in tensors]
+    incoming = [torch.empty_like(t) for t in outgoing]
+    ops = [dist.P2POp(dist.isend, t, dist.get_global_rank(group, send_to), group) for t in outgoing]
+    ops += [dist.P2POp(dist.irecv, t, dist.get_global_rank(group, recv_from), group) for t in incoming]
+    return incoming, dist.batch_isend_irecv(ops)
+
+
+def finish_exchange(pending) -> list[torch.Tensor]:
+    incoming, requests = pending
+    for request in requests:
+        request.wait()
+    return incoming
+
+
+def segment_process_group(layout: PairLayout, rank: int, group: dist.ProcessGroup) -> dist.ProcessGroup:
+    """The process group of ``rank``'s segment group for a pair that spans ranks, made once and cached.
+
+    A segment group as large as the sequence group is the sequence group itself. Smaller ones are made with
+    ``use_local_synchronization=True``: only their members take part, so each sequence group of a 2-D mesh
+    makes its own without the others (members make them in the same order: pair by pair).
+    """
+    if layout.group_size == dist.get_world_size(group):
+        return group
+    members = tuple(dist.get_global_rank(group, r) for r in layout.segment_group(rank))
+    key = (dist.group.WORLD, members)
+    if key not in _SEGMENT_GROUPS:
+        _SEGMENT_GROUPS[key] = dist.new_group(list(members), use_local_synchronization=True)
+    return _SEGMENT_GROUPS[key]
+
+
+def all_gather_blocks(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+    """``x`` from every rank of ``group``, stacked: ``[G, *x.shape]``."""
+    blocks = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(blocks, x.contiguous(), group=group)
+    return torch.stack(blocks)
+
+
+def reduce_scatter_blocks(blocks: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+    """Inverse of `all_gather_blocks` for gradients: rank ``j`` receives ``sum over ranks of blocks[j]``."""
+    pieces = list(blocks.contiguous().unbind(0))
+    mine = torch.empty_like(pieces[0])
+    dist.reduce_scatter(mine, pieces, group=group)
+    return mine
+
+
+class _GatherSequence(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group, dim):
+        ctx.group, ctx.dim = group, dim
+        return torch.cat(list(all_gather_blocks(x, group).unbind(0)), dim=dim)
+
+    @staticmethod
+    def backward(ctx, grad):
+        rank, size = group_rank_and_size(ctx.group)
+        return grad.chunk(size, dim=ctx.dim)[rank].contiguous(), None, None
+
+
+def _check_sequence_dim(x: torch.Tensor, size: int, dim: int) -> None:
+    if x.shape[dim] % size != 0:
+        raise ValueError(
+            f"sequence length {x.shape[dim]} (dim={dim}) must be divisible by the sequence group size {size}: "
+            f"pad the sequence"
+        )
+
+
+def shard_sequence(x: torch.Tensor, group: GroupLike, dim: int = 1) -> torch.Tensor:
+    """This rank's contiguous slice of ``x`` along ``dim``: rank ``p`` of ``group`` gets the ``p``-th of ``P``.
+
+    A plain slice (its gradient flows back to the full tensor); ``group=None`` returns ``x``.
+    """
+    pg = resolve_group(group)
+    rank, size = group_rank_and_size(pg)
+    _check_sequence_dim(x, size, dim)
+    return x.chunk(size, dim=dim)[rank]
+
+
+def gather_sequence(x: torch.Tensor, group: GroupLike, dim: int = 1) -> torch.Tensor:
+    """Concatenate every rank's shard along ``dim`` (inverse of `shard_sequence`), differentiably.
+
+    Every rank receives the full tensor; the backward returns each rank the gradient of its own slice
+    (so the computation after the gather is expected to be the same on every rank of the group).
+    """
+    pg = resolve_group(group)
+    return x if pg is None else _GatherSequence.apply(x, pg, dim)

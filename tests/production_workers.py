@@ -1,0 +1,138 @@
+"""Functions run on spawned ranks by the production tests (importable, as spawn requires)."""
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.device_mesh import init_device_mesh
+from torch.nn.parallel import DistributedDataParallel
+
+import ring_attention
+from ring_attention import RingMultiheadDilatedAttention, gather_sequence, shard_sequence
+
+SEGMENTS, RATES = [8, 32], [1, 2]  # N = 32: on 2 sequence ranks, (8, 1) is local and (32, 2) spans both
+
+
+class TwoLayerModel(nn.Module):
+    """Two dilated attention layers with a residual MLP between them, as in a small transformer."""
+
+    def __init__(self, process_group=None, embed_dim=16, heads=4):
+        super().__init__()
+        options = dict(batch_first=True, dtype=torch.float64, segment_lengths=SEGMENTS, dilation_rates=RATES,
+                       causal=True, process_group=process_group)
+        self.attn1 = RingMultiheadDilatedAttention(embed_dim, heads, **options)
+        self.mlp = nn.Sequential(nn.Linear(embed_dim, 32, dtype=torch.float64), nn.GELU(),
+                                 nn.Linear(32, embed_dim, dtype=torch.float64))
+        self.attn2 = RingMultiheadDilatedAttention(embed_dim, heads, num_kv_heads=2, sub_layer_norm=True, **options)
+
+    def forward(self, x):
+        x = x + self.attn1(x, x, x)[0]
+        x = x + self.mlp(x)
+        return x + self.attn2(x, x, x)[0]
+
+
+def training_data(batch=4, seq_len=32, embed_dim=16):
+    gen = torch.Generator().manual_seed(7)
+    x = torch.randn(batch, seq_len, embed_dim, generator=gen, dtype=torch.float64)
+    return x, torch.randn(batch, seq_len, embed_dim, generator=gen, dtype=torch.float64)
+
+
+def make_model(process_group=None):
+    torch.manual_seed(0)
+    return TwoLayerModel(process_group)
+
+
+def train_single_process(steps=3):
+    """Reference: one process, the full batch and the full sequence, mean squared error."""
+    model = make_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = training_data()
+    losses = []
+    for _ in range(steps):
+        optimizer.zero_grad()
+        loss = nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    return losses, {name: p.detach().clone() for name, p in model.named_parameters()}
+
+
+def train_data_and_sequence_parallel(rank, world_size, steps=3):
+    """The documented recipe on a (dp=2) x (sp=2) mesh: DDP over all ranks, loss scaled by the sp size."""
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "sp"))
+    sp, dp_rank = mesh["sp"], mesh["dp"].get_local_rank()
+    model = DistributedDataParallel(make_model(process_group=sp))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = training_data()
+    batch_slice = slice(2 * dp_rank, 2 * dp_rank + 2)  # this data-parallel rank's half of the batch
+    x_local, y_local = (shard_sequence(t[batch_slice], sp, dim=1) for t in (x, y))
+    full_tokens_per_rank_batch = y_local.shape[0] * y.shape[1] * y.shape[2]  # elements of its full sequences
+    losses = []
+    for _ in range(steps):
+        optimizer.zero_grad()
+        # this rank's share of its data shard's mean; DDP averages over all dp x sp ranks, so scale by sp
+        loss = ((model(x_local) - y_local) ** 2).sum() / full_tokens_per_rank_batch * sp.size()
+        loss.backward()
+        optimizer.step()
+        global_loss = loss.detach() / sp.size()
+        dist.all_reduce(global_loss)
+        losses.append((global_loss / mesh["dp"].size()).item())
+    return losses, {name: p.detach().clone() for name, p in model.module.named_parameters()}
+
+
+def checkpointed_and_plain_gradients(rank, world_size):
+    torch.manual_seed(0)
+    layer = RingMultiheadDilatedAttention(16, 4, batch_first=True, dtype=torch.float64, segment_lengths=SEGMENTS,
+                                          dilation_rates=RATES, causal=True, process_group=dist.group.WORLD)
+    x_full, _ = training_data()
+    results = []
+    for use_checkpoint in (False, True):
+        layer.zero_grad()
+        x = shard_sequence(x_full, dist.group.WORLD, dim=1).clone().requires_grad_(True)
+        if use_checkpoint:
+            out = torch.utils.checkpoint.checkpoint(lambda t: layer(t, t, t)[0], x, use_reentrant=False)
+        else:
+            out = layer(x, x, x)[0]
+        out.square().sum().backward()
+        results.append([x.grad.clone()] + [p.grad.clone() for p in layer.parameters()])
+    return results
+
+
+def sequence_not_divisible(rank, world_size):
+    q = torch.zeros(1, 12, 2, 4)  # 24 tokens on 2 ranks: a shard of 12 is not a multiple of w = 8
+    return ring_attention.ring_dilated_attention(q, q, q, [8], [1], group=dist.group.WORLD)
+
+
+def shapes_disagree(rank, world_size):
+    q = torch.zeros(1, 16 if rank == 0 else 8, 2, 4)
+    return ring_attention.ring_dilated_attention(q, q, q, [8], [1], group=dist.group.WORLD)
+
+
+def gather_round_trip(rank, world_size):
+    x = torch.arange(24.0).reshape(1, 24, 1).requires_grad_(True)
+    mine = shard_sequence(x, dist.group.WORLD, dim=1)
+    full = gather_sequence(mine, dist.group.WORLD, dim=1)
+    (full * torch.arange(24.0).reshape(1, 24, 1)).sum().backward()
+    return full.detach(), x.grad
+
+
+def gqa_and_bf16(rank, world_size, cases):
+    """Each case: (q, k, v, grad_out, options); returns this rank's output and gradients per case and comm."""
+    results = []
+    for q, k, v, grad_out, options in cases:
+        per_comm = {}
+        for comm in ("ring", "allgather"):
+            q_, k_, v_ = (shard_sequence(t, dist.group.WORLD, dim=1).clone().requires_grad_(True) for t in (q, k, v))
+            out = ring_attention.ring_dilated_attention(q_, k_, v_, group=dist.group.WORLD, comm=comm, **options)
+            grads = torch.autograd.grad(out, (q_, k_, v_), shard_sequence(grad_out, dist.group.WORLD, dim=1))
+            per_comm[comm] = [out.detach(), *grads]
+        results.append(per_comm)
+    return results
+
+
+def mesh_sequence_group(rank, world_size):
+    """The functional core called with a 1-D DeviceMesh (the sp dimension of a 2-D mesh)."""
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "sp"))
+    gen = torch.Generator().manual_seed(3 + mesh["dp"].get_local_rank())  # each dp rank its own batch
+    q, k, v = (torch.randn(1, 32, 2, 4, generator=gen, dtype=torch.float64) for _ in range(3))
+    shards = [shard_sequence(t, mesh["sp"], dim=1) for t in (q, k, v)]
+    return q, k, v, ring_attention.ring_dilated_attention(*shards, SEGMENTS, RATES, causal=True, group=mesh["sp"])

@@ -1,0 +1,254 @@
+"""Stage 5, the production package: API, grouped-query attention, mixed precision, composition with PyTorch."""
+
+import production_workers as pw
+import pytest
+import torch
+from helpers import random_qkv, rel_err
+from torch import nn
+
+import reference
+from lessons.launch import run_on_ranks
+from ring_attention import RingDilatedAttention, RingMultiheadDilatedAttention, ring_dilated_attention
+
+
+def gqa_reference(q, k, v, segments, rates, causal=False, head_mode="all"):
+    """Dense oracle for grouped-query attention: query head h uses kv head h // g and that kv head's offset."""
+    heads, kv_heads, seq_len = q.shape[2], k.shape[2], q.shape[1]
+    per_kv = reference.dilation_mask(seq_len, segments, rates, kv_heads, causal=causal)  # offsets j mod r
+    taking = [range(heads)] * len(segments) if head_mode == "all" else reference.head_groups(heads, len(segments))
+    masks = torch.zeros(len(segments), heads, seq_len, seq_len, dtype=torch.bool)
+    for i, query_heads in enumerate(taking):
+        for h in query_heads:
+            masks[i, h] = per_kv[i, h // (heads // kv_heads)]
+    k, v = (t.repeat_interleave(heads // kv_heads, dim=2) for t in (k, v))
+    partials = [reference.attention(q, k, v, m, return_lse=True) for m in masks]
+    return reference.merge_partials([o for o, _ in partials], [s for _, s in partials])[0]
+
+
+def with_grads(fn, q, k, v, grad_out):
+    q, k, v = (t.detach().clone().requires_grad_(True) for t in (q, k, v))
+    out = fn(q, k, v)
+    return [out.detach(), *torch.autograd.grad(out, (q, k, v), grad_out.to(out.dtype))]
+
+
+SEGMENTS, RATES = [16, 64], [1, 4]
+
+
+@pytest.mark.parametrize("head_mode", ["all", "groups"])
+@pytest.mark.parametrize("causal", [False, True])
+def test_gqa_one_process_matches_oracle(causal, head_mode):
+    q, k, v = random_qkv(2, 64, 6, 8, kv_heads=3)
+    grad_out = torch.randn(2, 64, 6, 8, dtype=torch.float64)
+    ours = with_grads(lambda q, k, v: ring_dilated_attention(q, k, v, SEGMENTS, RATES, causal=causal,
+                                                             head_mode=head_mode), q, k, v, grad_out)
+    truth = with_grads(lambda q, k, v: gqa_reference(q, k, v, SEGMENTS, RATES, causal, head_mode), q, k, v, grad_out)
+    for a, b in zip(ours, truth):
+        assert rel_err(a, b) < 1e-10
+
+
+def test_without_gqa_the_oracle_is_the_reference():
+    q, k, v = random_qkv(1, 64, 4, 8)
+    expected = reference.dilated_attention(q, k, v, SEGMENTS, RATES, causal=True)
+    assert rel_err(gqa_reference(q, k, v, SEGMENTS, RATES, causal=True), expected) < 1e-14
+
+
+@pytest.fixture(scope="module")
+def four_rank_cases():
+    """GQA in float64 and plain attention in bf16, on 4 ranks, both communication modes."""
+    gen = torch.Generator().manual_seed(11)
+    q, k, v = (torch.randn(2, 64, h, 8, generator=gen, dtype=torch.float64) for h in (6, 3, 3))
+    grad_out = torch.randn(2, 64, 6, 8, generator=gen, dtype=torch.float64)
+    q16, k16, v16, g16 = (torch.randn(2, 64, 4, 16, generator=gen, dtype=torch.float64) for _ in range(4))
+    cases = [
+        (q, k, v, grad_out, dict(segment_lengths=SEGMENTS, dilation_rates=RATES, causal=True)),
+        (q, k, v, grad_out, dict(segment_lengths=SEGMENTS, dilation_rates=RATES, head_mode="groups")),
+        (q16.bfloat16(), k16.bfloat16(), v16.bfloat16(), g16.bfloat16(),
+         dict(segment_lengths=SEGMENTS, dilation_rates=RATES, causal=True)),
+    ]
+    return cases, run_on_ranks(pw.gqa_and_bf16, 4, cases)
+
+
+def test_gqa_on_four_ranks_matches_oracle(four_rank_cases):
+    cases, per_rank = four_rank_cases
+    for i, (q, k, v, grad_out, options) in enumerate(cases[:2]):
+        causal, head_mode = options.get("causal", False), options.get("head_mode", "all")
+        truth = with_grads(
+            lambda q, k, v: gqa_reference(q, k, v, SEGMENTS, RATES, causal, head_mode), q, k, v, grad_out  # noqa: B023
+        )
+        for comm in ("ring", "allgather"):
+            for j, want in enumerate(truth):
+                got = torch.cat([r[i][comm][j] for r in per_rank], dim=1)
+                assert rel_err(got, want) < 1e-10, (i, comm, j)
+
+
+def test_bf16_ring_error_is_within_1_5x_of_one_process(four_rank_cases):
+    cases, per_rank = four_rank_cases
+    q, k, v, grad_out, options = cases[2]
+    truth = with_grads(lambda q, k, v: reference.dilated_attention(q, k, v, SEGMENTS, RATES, causal=True),
+                       q.double(), k.double(), v.double(), grad_out.double())
+    single = with_grads(lambda q, k, v: ring_dilated_attention(q, k, v, **options), q, k, v, grad_out)
+    for comm in ("ring", "allgather"):
+        for j, want in enumerate(truth):
+            ranks = torch.cat([r[2][comm][j] for r in per_rank], dim=1)
+            assert ranks.dtype == torch.bfloat16
+            assert rel_err(ranks, want) <= 1.5 * rel_err(single[j], want), (comm, j)
+
+
+@pytest.mark.parametrize("batch_first", [False, True])
+def test_module_equals_nn_multihead_attention_in_the_degenerate_case(batch_first):
+    torch.manual_seed(0)
+    theirs = nn.MultiheadAttention(16, 4, batch_first=batch_first, dtype=torch.float64)
+    ours = RingMultiheadDilatedAttention(16, 4, batch_first=batch_first, dtype=torch.float64,
+                                         segment_lengths=[24], dilation_rates=[1])
+    assert ours.state_dict().keys() == theirs.state_dict().keys()
+    ours.load_state_dict(theirs.state_dict())
+    x = torch.randn((3, 24, 16) if batch_first else (24, 3, 16), dtype=torch.float64)
+    causal_mask = nn.Transformer.generate_square_subsequent_mask(24, dtype=torch.float64)
+    for is_causal, mask in ((False, None), (True, causal_mask)):
+        expected, _ = theirs(x, x, x, need_weights=False, attn_mask=mask, is_causal=is_causal)
+        out, weights = ours(x, x, x, is_causal=is_causal)
+        assert weights is None
+        assert rel_err(out, expected) < 1e-10
+
+
+def test_separate_projections_load_from_nn_multihead_attention():
+    torch.manual_seed(0)
+    theirs = nn.MultiheadAttention(16, 4, kdim=8, vdim=12, batch_first=True, dtype=torch.float64)
+    ours = RingMultiheadDilatedAttention(16, 4, kdim=8, vdim=12, batch_first=True, dtype=torch.float64,
+                                         segment_lengths=[24], dilation_rates=[1])
+    ours.load_state_dict(theirs.state_dict())
+    q, k, v = (torch.randn(2, 24, d, dtype=torch.float64) for d in (16, 8, 12))
+    assert rel_err(ours(q, k, v)[0], theirs(q, k, v, need_weights=False)[0]) < 1e-10
+
+
+def test_gqa_module_has_smaller_kv_projections():
+    module = RingMultiheadDilatedAttention(16, 4, num_kv_heads=2, segment_lengths=[8], dilation_rates=[1])
+    assert module.in_proj_weight is None
+    assert module.k_proj_weight.shape == (8, 16) and module.in_proj_bias.shape == (16 + 8 + 8,)
+
+
+def test_sub_layer_norm_sits_before_the_output_projection():
+    module = RingMultiheadDilatedAttention(16, 4, batch_first=True, segment_lengths=[8], dilation_rates=[1],
+                                           sub_layer_norm=True)
+    assert {"inner_norm.weight", "inner_norm.bias"} <= module.state_dict().keys()
+    with torch.no_grad():
+        module.inner_norm.weight.zero_()
+        module.out_proj.bias.copy_(torch.arange(16.0))
+    out, _ = module(*(torch.randn(2, 8, 16),) * 3)
+    assert torch.equal(out, torch.arange(16.0).expand(2, 8, 16))
+
+
+@pytest.mark.parametrize(
+    "kwargs, words",
+    [
+        (dict(dropout=0.1), "dropout=0.1 is not supported"),
+        (dict(add_bias_kv=True), "add_bias_kv and add_zero_attn are not supported"),
+        (dict(add_zero_attn=True), "add_bias_kv and add_zero_attn are not supported"),
+    ],
+)
+def test_rejected_constructor_options(kwargs, words):
+    with pytest.raises(NotImplementedError, match=words):
+        RingMultiheadDilatedAttention(16, 4, segment_lengths=[8], dilation_rates=[1], **kwargs)
+
+
+@pytest.mark.parametrize(
+    "kwargs, words",
+    [
+        (dict(need_weights=True), "need_weights=True is not supported"),
+        (dict(attn_mask=torch.zeros(8, 8, dtype=torch.bool)), "attn_mask is not supported: .* use causal=True"),
+        (dict(key_padding_mask=torch.zeros(2, 8, dtype=torch.bool)), "key_padding_mask is not supported: pad"),
+    ],
+)
+def test_rejected_forward_options(kwargs, words):
+    module = RingMultiheadDilatedAttention(16, 4, batch_first=True, segment_lengths=[8], dilation_rates=[1])
+    x = torch.randn(2, 8, 16)
+    with pytest.raises(NotImplementedError, match=words):
+        module(x, x, x, **kwargs)
+
+
+@pytest.mark.parametrize(
+    "call, exc, words",
+    [
+        (lambda q: ring_dilated_attention(q, q, q, [8], [1], comm="p2p"), ValueError, "comm must be one of"),
+        (lambda q: ring_dilated_attention(q, q, q, [8], [1], scale=-1.0), ValueError, "scale must be a positive"),
+        (lambda q: ring_dilated_attention(q, q, q, [8], [1], group="world"), TypeError,
+         "group must be a ProcessGroup, a 1-D DeviceMesh or None, got str"),
+        (lambda q: ring_dilated_attention(q, q[:, :, :3], q[:, :, :3], [8], [1]), ValueError,
+         "k has 3 heads, which does not divide q's 4 heads"),
+        (lambda q: ring_dilated_attention(q, q, q, [8], [1], backend="cuda_flash"), ValueError,
+         "backend='cuda_flash' cannot run here"),
+        (lambda q: RingMultiheadDilatedAttention(16, 4, num_kv_heads=3, segment_lengths=[8], dilation_rates=[1]),
+         ValueError, "num_kv_heads=3 must divide num_heads=4"),
+        (lambda q: RingMultiheadDilatedAttention(18, 4, segment_lengths=[8], dilation_rates=[1]), ValueError,
+         "embed_dim=18 must be divisible by num_heads=4"),
+        (lambda q: RingMultiheadDilatedAttention(16, 4, segment_lengths=[8], dilation_rates=[1])(q, q, q),
+         ValueError, r"query must be 3-D"),
+    ],
+)
+def test_bad_arguments(call, exc, words):
+    with pytest.raises(exc, match=words):
+        call(torch.zeros(1, 8, 4, 4))
+
+
+def test_autocast_runs_in_bf16_close_to_float32():
+    torch.manual_seed(0)
+    module = RingMultiheadDilatedAttention(32, 4, batch_first=True, segment_lengths=[16, 64], dilation_rates=[1, 4],
+                                           causal=True)
+    x = torch.randn(2, 64, 32)
+    full, _ = module(x, x, x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low, _ = module(x, x, x)
+    assert low.dtype == torch.bfloat16
+    assert rel_err(low, full) < 2**-5  # a few bf16 roundings (2^-8 each) through projections and attention
+
+
+def test_module_form_of_the_functional_core():
+    q, k, v = random_qkv(1, 64, 4, 8)
+    module = RingDilatedAttention(SEGMENTS, RATES, causal=True)
+    assert torch.equal(module(q, k, v), ring_dilated_attention(q, k, v, SEGMENTS, RATES, causal=True))
+    assert "segment_lengths=[16, 64]" in repr(module)
+
+
+def test_checkpointing_gives_the_same_gradients():
+    plain, checkpointed = run_on_ranks(pw.checkpointed_and_plain_gradients, 2)[0]
+    for a, b in zip(plain, checkpointed):
+        assert rel_err(b, a) < 1e-12
+
+
+def test_data_times_sequence_parallel_training_reproduces_one_process():
+    expected_losses, expected_params = pw.train_single_process()
+    per_rank = run_on_ranks(pw.train_data_and_sequence_parallel, 4)
+    for losses, params in per_rank:
+        assert losses == pytest.approx(expected_losses, rel=1e-10, abs=0)
+        for name, value in params.items():
+            assert rel_err(value, expected_params[name]) < 1e-10, name
+    assert expected_losses[2] < expected_losses[0]  # it trained
+
+
+def test_a_one_dimensional_mesh_is_a_sequence_group():
+    results = run_on_ranks(pw.mesh_sequence_group, 4)
+    for rank, (q, k, v, out) in enumerate(results):
+        expected = reference.dilated_attention(q, k, v, pw.SEGMENTS, pw.RATES, causal=True)
+        assert rel_err(out, expected.chunk(2, dim=1)[rank % 2]) < 1e-10
+
+
+@pytest.mark.parametrize(
+    "worker, words",
+    [
+        (pw.sequence_not_divisible, r"pair 0 \(w=8, r=1\): shard length 12 must be a multiple of the segment length"),
+        (pw.shapes_disagree, r"the q/k shards differ between the ranks of the sequence group"),
+    ],
+)
+def test_a_bad_sequence_group_fails_on_every_rank(worker, words):
+    with pytest.raises(RuntimeError, match=rf"(?s)failed:.*ValueError: {words}"):
+        run_on_ranks(worker, 2, timeout=60)
+
+
+def test_gather_sequence_returns_each_rank_its_slice_of_the_gradient():
+    results = run_on_ranks(pw.gather_round_trip, 2)
+    weights = torch.arange(24.0).reshape(1, 24, 1)
+    for rank, (full, grad) in enumerate(results):
+        assert torch.equal(full, weights)
+        expected = torch.zeros(1, 24, 1)
+        expected[:, 12 * rank: 12 * (rank + 1)] = weights[:, 12 * rank: 12 * (rank + 1)]
+        assert torch.equal(grad, expected)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import importlib
 import os
-import resource
 import time
 from dataclasses import dataclass
 
@@ -72,9 +71,18 @@ def shard(x: torch.Tensor, rank: int, world_size: int) -> torch.Tensor:
     return x.chunk(world_size, dim=1)[rank]
 
 
-def _resident_bytes() -> int:
+def reset_peak_memory() -> int:
+    """Reset this process's peak resident memory (Linux ``VmHWM``); return its resident bytes now."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def peak_memory() -> int:
+    """This process's peak resident bytes since the last `reset_peak_memory`."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM"))
 
 
 def run_stage(
@@ -86,8 +94,9 @@ def run_stage(
     with the same leading arguments (the reference, stage 1); ``options`` are extra keyword arguments.
     With ``warmup`` the call is made once before the measured one (first calls set up connections).
     Returns this rank's ``out``, ``dq``, ``dk``, ``dv``, the wall time of forward+backward in seconds,
-    and ``peak_bytes``: how far the process's peak resident memory rose above its resident memory
-    just before the measured call (Linux ``ru_maxrss``; a whole-process measure, allocator slack included).
+    and ``peak_bytes``: how far the process's peak resident memory rose, during the measured call, above
+    its resident memory just before it (the peak, Linux ``VmHWM``, is reset before the call; a
+    whole-process measure, allocator slack and communication buffers included).
     """
     module, _, name = target.partition(":")
     attention = getattr(importlib.import_module(module), name or "ring_dilated_attention")
@@ -96,14 +105,14 @@ def run_stage(
     pairs = list(problem.segment_lengths), list(problem.dilation_rates)
     kwargs = {**problem.options(), **(options or {})}
     for measured in ([False, True] if warmup else [True]):
-        before = _resident_bytes()
+        before = reset_peak_memory()
         start = time.perf_counter()
         out = attention(q, k, v, *pairs, **kwargs)
         dq, dk, dv = torch.autograd.grad(out, (q, k, v), grad_out)
         seconds = time.perf_counter() - start
         if not measured:
             del out, dq, dk, dv
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
+    peak = peak_memory() - before
     return dict(out=out.detach(), dq=dq, dk=dk, dv=dv, seconds=seconds, peak_bytes=max(peak, 0))
 
 

@@ -24,48 +24,23 @@ import torch
 import torch.distributed as dist
 
 from lessons.stage1_simulated_ring import accumulation_dtype, block_attention, merge_into, merge_partials
+from ring_attention.comm import check_same_shapes
 from ring_attention.pattern import PairLayout, accumulate_rows, gather_rows, plan_pairs
 from ring_attention.validation import check_qkv
-
-
-def check_same_shapes(q: torch.Tensor, k: torch.Tensor, group: dist.ProcessGroup | None) -> None:
-    """Fail on every rank, instead of hanging in a receive, when ranks disagree on shard shapes."""
-    mine = torch.tensor([*q.shape, *k.shape])
-    shapes = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(shapes, mine, group=group)
-    if any(not torch.equal(s, shapes[0]) for s in shapes):
-        listed = ", ".join(f"rank {r}: q {s[:4].tolist()} k {s[4:].tolist()}" for r, s in enumerate(shapes))
-        raise ValueError(f"q/k shard shapes differ between ranks ({listed}): every rank must pass the same shapes")
-
-
-def start_exchange(
-    tensors: Sequence[torch.Tensor], send_to: int, recv_from: int, group: dist.ProcessGroup | None
-) -> tuple[list[torch.Tensor], list]:
-    """Post sends of ``tensors`` to group rank ``send_to`` and receives of same-shaped ones from ``recv_from``.
-
-    Returns the receive buffers and the requests; the buffers are valid once every request has been waited on.
-    """
-    group = group or dist.group.WORLD
-    outgoing = [t.contiguous() for t in tensors]
-    incoming = [torch.empty_like(t) for t in outgoing]
-    ops = [dist.P2POp(dist.isend, t, dist.get_global_rank(group, send_to), group) for t in outgoing]
-    ops += [dist.P2POp(dist.irecv, t, dist.get_global_rank(group, recv_from), group) for t in incoming]
-    return incoming, dist.batch_isend_irecv(ops)
-
-
-def finish_exchange(pending: tuple[list[torch.Tensor], list]) -> list[torch.Tensor]:
-    """Wait for an exchange posted by `start_exchange` and return what was received."""
-    incoming, requests = pending
-    for request in requests:
-        request.wait()
-    return incoming
 
 
 def exchange(
     tensors: Sequence[torch.Tensor], send_to: int, recv_from: int, group: dist.ProcessGroup | None
 ) -> list[torch.Tensor]:
-    """Send ``tensors`` to group rank ``send_to`` and receive same-shaped ones from ``recv_from``, blocking."""
-    return finish_exchange(start_exchange(tensors, send_to, recv_from, group))
+    """Send ``tensors`` to group rank ``send_to`` and receive same-shaped ones from ``recv_from``."""
+    group = group or dist.group.WORLD
+    outgoing = [t.contiguous() for t in tensors]
+    incoming = [torch.empty_like(t) for t in outgoing]
+    ops = [dist.P2POp(dist.isend, t, dist.get_global_rank(group, send_to), group) for t in outgoing]
+    ops += [dist.P2POp(dist.irecv, t, dist.get_global_rank(group, recv_from), group) for t in incoming]
+    for request in dist.batch_isend_irecv(ops):
+        request.wait()
+    return incoming
 
 
 def block_attention_backward(
@@ -208,7 +183,7 @@ def ring_dilated_attention(
     their dilated keys/values around each segment group; the backward sends dk/dv home the same way.
     """
     check_qkv(q, k, v)
-    check_same_shapes(q, k, group)
+    check_same_shapes(q, k, group or dist.group.WORLD)  # fail on every rank rather than hang in a receive
     world_size = dist.get_world_size(group)
     batch, shard, heads, head_dim = q.shape
     layouts = plan_pairs(

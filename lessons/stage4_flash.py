@@ -15,7 +15,8 @@ What changes from stage 2 (and why):
    (one kernel call per head selection, as stage 2 already did), so a kernel sees dense, regular blocks.
 4. **Communication overlaps compute.** Stage 2 computed a block, then exchanged, then computed the next.
    Here the next step's ``batch_isend_irecv`` is posted *before* the current block is computed and
-   waited on after it, so the transfer runs while the kernel does. In the backward the keys travel ahead
+   waited on after it, so the transfer runs while the kernel does (stage 2's ``exchange`` split in two:
+   ``start_exchange`` and ``finish_exchange`` of `ring_attention.comm`). In the backward the keys travel ahead
    the same way; the dk/dv accumulators can only leave once the block's gradient is added, so that one
    transfer is not hidden. ``overlap=False`` gives the stage-2 order, for comparison; ``timeline`` records
    when each step computed and waited.
@@ -34,7 +35,8 @@ import torch
 import torch.distributed as dist
 
 from lessons.stage1_simulated_ring import accumulation_dtype, merge_into, merge_partials
-from lessons.stage2_true_ring import check_same_shapes, finish_exchange, ring_neighbours, start_exchange
+from lessons.stage2_true_ring import ring_neighbours
+from ring_attention.comm import check_same_shapes, finish_exchange, start_exchange
 from ring_attention.kernels import block_attention, block_attention_backward, select_backend
 from ring_attention.pattern import accumulate_rows, gather_rows, plan_pairs
 from ring_attention.validation import check_qkv
@@ -176,6 +178,7 @@ def ring_dilated_attention(
     """
     check_qkv(q, k, v)
     backend = select_backend(backend, q)
+    group = group or dist.group.WORLD
     check_same_shapes(q, k, group)
     world_size = dist.get_world_size(group)
     batch, shard, heads, head_dim = q.shape

@@ -1,0 +1,144 @@
+"""What splitting the sequence costs: P gloo processes vs one process, at equal total work.
+
+    python benchmarks/ring_overhead.py [--quick]
+
+The production core on N = 16384 tokens (4 heads of 64, float32, causal, pairs with w / r = 2048), forward
++ backward, once on one process (``group=None``) and on P = 2, 4, 8 processes for both ``comm`` modes. Each
+rank counts the bytes it receives from other ranks and the time it spends waiting on communication (by
+wrapping ``ring_attention.comm``). The forward's K/V bytes must equal DESIGN.md §3: each spanning pair moves
+``(G - 1) L / r`` tokens per rank and kv head; the script stops if they do not. On this machine all P
+processes share the same cores, so the P-rank time includes that contention: the ratio is an upper bound
+of the overhead, not a speed-up measurement.
+"""
+
+from __future__ import annotations
+
+import time
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+from common import output_dir, parse_args, write_json  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+import ring_attention.comm as comm  # noqa: E402
+from lessons.launch import run_on_ranks  # noqa: E402
+from ring_attention import ring_dilated_attention  # noqa: E402
+from ring_attention.pattern import plan_pairs  # noqa: E402
+
+HEADS, HEAD_DIM = 4, 64
+
+
+def pairs(seq_len: int) -> tuple[list[int], list[int]]:
+    segments = [s for s in (2048, 4096, 8192, 16384) if s <= seq_len]
+    return segments, [s // 2048 for s in segments]
+
+
+class Counter:
+    """Wraps the communication functions of `ring_attention.comm` to count received bytes and waiting time."""
+
+    def __init__(self):
+        self.bytes, self.wait = 0, 0.0
+        self.original = {name: getattr(comm, name) for name in
+                         ("start_exchange", "finish_exchange", "all_gather_blocks", "reduce_scatter_blocks")}
+        comm.start_exchange = self.start_exchange
+        comm.finish_exchange = self.timed(self.original["finish_exchange"])
+        comm.all_gather_blocks = self.all_gather_blocks
+        comm.reduce_scatter_blocks = self.reduce_scatter_blocks
+
+    def timed(self, fn):
+        def wrapper(*args):
+            start = time.perf_counter()
+            result = fn(*args)
+            self.wait += time.perf_counter() - start
+            return result
+        return wrapper
+
+    def start_exchange(self, tensors, *args):
+        self.bytes += sum(t.numel() * t.element_size() for t in tensors)
+        return self.original["start_exchange"](tensors, *args)
+
+    def all_gather_blocks(self, x, group):
+        self.bytes += (dist.get_world_size(group) - 1) * x.numel() * x.element_size()
+        return self.timed(self.original["all_gather_blocks"])(x, group)
+
+    def reduce_scatter_blocks(self, blocks, group):
+        self.bytes += (blocks.shape[0] - 1) * blocks[0].numel() * blocks.element_size()  # partial sums of my block
+        return self.timed(self.original["reduce_scatter_blocks"])(blocks, group)
+
+
+def measure(rank: int, world_size: int, seq_len: int, mode: str) -> dict:
+    shard = seq_len // world_size
+    gen = torch.Generator().manual_seed(rank)
+    q, k, v, dout = (torch.randn(1, shard, HEADS, HEAD_DIM, generator=gen, requires_grad=i < 3) for i in range(4))
+    group = dist.group.WORLD if world_size > 1 else None
+    segments, rates = pairs(seq_len)
+
+    def step():
+        out = ring_dilated_attention(q, k, v, segments, rates, causal=True, group=group, comm=mode)
+        forward_bytes = counter.bytes
+        torch.autograd.grad(out, (q, k, v), dout)
+        return forward_bytes
+
+    counter = Counter()
+    step()  # warm-up: connections and process groups
+    counter.bytes, counter.wait = 0, 0.0
+    start = time.perf_counter()
+    forward_bytes = step()
+    seconds = time.perf_counter() - start
+    return dict(seconds=seconds, wait=counter.wait, forward_bytes=forward_bytes, total_bytes=counter.bytes)
+
+
+def formula_forward_bytes(seq_len: int, world_size: int) -> int:
+    """DESIGN.md §3: (G - 1) L / r tokens of K and V per spanning pair, rank and kv head."""
+    segments, rates = pairs(seq_len)
+    shard = seq_len // world_size
+    return sum((layout.group_size - 1) * shard // layout.rate * HEADS * HEAD_DIM * 2 * 4
+               for layout in plan_pairs(seq_len, world_size, segments, rates, HEADS) if layout.spans_ranks)
+
+
+def main() -> None:
+    args = parse_args(__doc__)
+    out = output_dir(args.quick)
+    seq_len, world_sizes = (4096, [2, 4]) if args.quick else (16384, [2, 4, 8])
+    single = run_on_ranks(measure, 1, seq_len, "ring")[0]
+    rows = [dict(mode="one process", world_size=1, seconds=single["seconds"], wait=0.0, forward_bytes=0,
+                 formula_forward_bytes=0, total_bytes=0, ratio=1.0)]
+    for mode in tqdm(["ring", "allgather"], desc="ring overhead"):
+        for world_size in world_sizes:
+            results = run_on_ranks(measure, world_size, seq_len, mode)
+            expected = formula_forward_bytes(seq_len, world_size)
+            if any(r["forward_bytes"] != expected for r in results):
+                raise AssertionError(f"{mode} P={world_size}: forward bytes {[r['forward_bytes'] for r in results]} "
+                                     f"differ from the formula {expected}")
+            seconds = max(r["seconds"] for r in results)
+            rows.append(dict(mode=mode, world_size=world_size, seconds=seconds, wait=max(r["wait"] for r in results),
+                             forward_bytes=results[0]["forward_bytes"], formula_forward_bytes=expected,
+                             total_bytes=results[0]["total_bytes"], ratio=seconds / single["seconds"]))
+    write_json(out, "ring_overhead", dict(seq_len=seq_len, pairs=list(zip(*pairs(seq_len))), heads=HEADS,
+                                          head_dim=HEAD_DIM, dtype="float32", causal=True, rows=rows))
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for mode, marker in (("ring", "o-"), ("allgather", "s-")):
+        sel = [r for r in rows if r["mode"] == mode]
+        ax.plot([r["world_size"] for r in sel], [r["seconds"] for r in sel], marker, label=f"{mode}: total")
+        ax.plot([r["world_size"] for r in sel], [r["wait"] for r in sel], marker.replace("-", ":"),
+                label=f"{mode}: waiting on communication")
+    ax.axhline(single["seconds"], color="k", linestyle="--", label="one process")
+    ax.set_xlabel("processes P (sharing the same cores)"), ax.set_ylabel("forward + backward (s)")
+    ax.set_xticks(world_sizes)
+    ax.set_title(f"N = {seq_len}, equal total work", fontsize=10)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "ring_overhead.png", dpi=120)
+    for r in rows:
+        print(f"{r['mode']:>11} P={r['world_size']}: {r['seconds']:.3f} s (x{r['ratio']:.2f} of one process), "
+              f"waiting {r['wait']:.3f} s, forward K/V {r['forward_bytes'] / 2**20:.2f} MiB received "
+              f"(formula {r['formula_forward_bytes'] / 2**20:.2f}), "
+              f"forward+backward {r['total_bytes'] / 2**20:.2f} MiB")
+
+
+if __name__ == "__main__":
+    main()

@@ -16,6 +16,7 @@ global output and LSE, so only O(L) activations are kept.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 
@@ -24,7 +25,7 @@ import torch
 from ring_attention import comm as C
 from ring_attention.kernels import block_attention, block_attention_backward, lse_dtype, select_backend
 from ring_attention.pattern import PairLayout, Selection, accumulate_rows, gather_rows, plan_pairs, scatter_rows
-from ring_attention.validation import check_qkv
+from ring_attention.validation import check_pairs, check_qkv
 
 COMM_MODES = ("ring", "allgather")
 
@@ -179,6 +180,13 @@ class _DilatedAttention(torch.autograd.Function):
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None
 
 
+@functools.lru_cache(maxsize=64)
+def _plan(seq_len, size, segment_lengths, dilation_rates, heads, head_mode, kv_heads, device):
+    # a model calls this every layer and step with the same configuration: build the index tensors once
+    return plan_pairs(seq_len, size, list(segment_lengths), list(dilation_rates), heads, head_mode,
+                      num_kv_heads=kv_heads, device=device)
+
+
 def ring_dilated_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -229,10 +237,9 @@ def ring_dilated_attention(
         low = torch.get_autocast_dtype(device_type)
         q, k, v = q.to(low), k.to(low), v.to(low)
     batch, shard, heads, head_dim = q.shape
-    layouts = plan_pairs(
-        shard * size, size, segment_lengths, dilation_rates, heads, head_mode, num_kv_heads=k.shape[2],
-        device=q.device,
-    )
+    check_pairs(segment_lengths, dilation_rates)  # before they become the cache key
+    layouts = _plan(shard * size, size, tuple(segment_lengths), tuple(dilation_rates), heads, head_mode, k.shape[2],
+                    q.device)
     ctx = _Context(layouts, pg, causal, scale or 1.0 / math.sqrt(head_dim), select_backend(backend, q), comm)
     with torch.autocast(device_type, enabled=False):
         return _DilatedAttention.apply(q, k, v, ctx)

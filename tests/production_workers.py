@@ -108,11 +108,16 @@ def shapes_disagree(rank, world_size):
 
 
 def gather_round_trip(rank, world_size):
+    """Shard and gather back; also returns the error for a sequence the group cannot split evenly."""
     x = torch.arange(24.0).reshape(1, 24, 1).requires_grad_(True)
     mine = shard_sequence(x, dist.group.WORLD, dim=1)
     full = gather_sequence(mine, dist.group.WORLD, dim=1)
     (full * torch.arange(24.0).reshape(1, 24, 1)).sum().backward()
-    return full.detach(), x.grad
+    try:
+        shard_sequence(torch.zeros(2, 5, 3), dist.group.WORLD, dim=1)
+    except ValueError as error:
+        return full.detach(), x.grad, str(error)
+    return full.detach(), x.grad, None
 
 
 def gqa_and_bf16(rank, world_size, cases):
@@ -135,4 +140,9 @@ def mesh_sequence_group(rank, world_size):
     gen = torch.Generator().manual_seed(3 + mesh["dp"].get_local_rank())  # each dp rank its own batch
     q, k, v = (torch.randn(1, 32, 2, 4, generator=gen, dtype=torch.float64) for _ in range(3))
     shards = [shard_sequence(t, mesh["sp"], dim=1) for t in (q, k, v)]
-    return q, k, v, ring_attention.ring_dilated_attention(*shards, SEGMENTS, RATES, causal=True, group=mesh["sp"])
+    out = ring_attention.ring_dilated_attention(*shards, SEGMENTS, RATES, causal=True, group=mesh["sp"])
+    try:  # the whole 2-D mesh is not a sequence group
+        ring_attention.ring_dilated_attention(*shards, SEGMENTS, RATES, group=mesh)
+    except ValueError as error:
+        return q, k, v, out, str(error)
+    return q, k, v, out, None

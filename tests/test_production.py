@@ -170,6 +170,8 @@ def test_rejected_forward_options(kwargs, words):
     "call, exc, words",
     [
         (lambda q: ring_dilated_attention(q, q, q, [8], [1], comm="p2p"), ValueError, "comm must be one of"),
+        (lambda q: ring_dilated_attention(q, q, q, 8, [1]), TypeError,
+         "segment_lengths must be a list of positive ints, got 8"),
         (lambda q: ring_dilated_attention(q, q, q, [8], [1], scale=-1.0), ValueError, "scale must be a positive"),
         (lambda q: ring_dilated_attention(q, q, q, [8], [1], group="world"), TypeError,
          "group must be a ProcessGroup, a 1-D DeviceMesh or None, got str"),
@@ -227,9 +229,11 @@ def test_data_times_sequence_parallel_training_reproduces_one_process():
 
 def test_a_one_dimensional_mesh_is_a_sequence_group():
     results = run_on_ranks(pw.mesh_sequence_group, 4)
-    for rank, (q, k, v, out) in enumerate(results):
+    for rank, (q, k, v, out, two_d_error) in enumerate(results):
         expected = reference.dilated_attention(q, k, v, pw.SEGMENTS, pw.RATES, causal=True)
         assert rel_err(out, expected.chunk(2, dim=1)[rank % 2]) < 1e-10
+        assert two_d_error.startswith("group must be a 1-D DeviceMesh, got a 2-D mesh ('dp', 'sp'): pass the "
+                                      "sequence dimension, e.g. mesh['sp']")
 
 
 @pytest.mark.parametrize(
@@ -247,7 +251,9 @@ def test_a_bad_sequence_group_fails_on_every_rank(worker, words):
 def test_gather_sequence_returns_each_rank_its_slice_of_the_gradient():
     results = run_on_ranks(pw.gather_round_trip, 2)
     weights = torch.arange(24.0).reshape(1, 24, 1)
-    for rank, (full, grad) in enumerate(results):
+    for rank, (full, grad, uneven_error) in enumerate(results):
+        assert uneven_error == ("sequence length 5 (dim=1) must be divisible by the sequence group size 2: "
+                                "pad the sequence")
         assert torch.equal(full, weights)
         expected = torch.zeros(1, 24, 1)
         expected[:, 12 * rank: 12 * (rank + 1)] = weights[:, 12 * rank: 12 * (rank + 1)]

@@ -93,7 +93,9 @@ def dilation_mask(
 
     ``mask[i, h, a, b]`` is ``True`` when pair ``i`` lets query ``a`` of head ``h`` attend key ``b``:
     both in the same segment of length ``min(w_i, N)``, both at a position ``t`` (counted from the segment
-    start) with ``t % r_i == h % r_i``, the head takes pair ``i``, and (causal) ``b <= a``.
+    start) with ``t % r_i == h % r_i``, the head takes pair ``i``, and (causal) ``b <= a``. The combined
+    ``[H, N, N]`` pattern of all pairs is ``mask.any(0)``; ``mask.sum(0)`` counts the pairs holding each
+    (query, key) couple, which is how much that key weighs in the merged softmax.
     """
     check_pairs(segment_lengths, dilation_rates)
     check_sequence_length(seq_len, segment_lengths)

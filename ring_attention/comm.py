@@ -60,6 +60,7 @@ def start_exchange(tensors: list[torch.Tensor], send_to: int, recv_from: int, gr
 
 
 def finish_exchange(pending) -> list[torch.Tensor]:
+    """Wait for an exchange posted by `start_exchange` and return the received tensors."""
     incoming, requests = pending
     for request in requests:
         request.wait()

@@ -75,6 +75,13 @@ def reduce_kv(grad: torch.Tensor, sel: Selection) -> torch.Tensor:
     return grad.new_zeros(shape).index_add_(2, sel.kv_index, grad)
 
 
+def _ring_neighbours(layout: PairLayout, rank: int) -> tuple[int, int]:
+    """The group ranks ``rank`` sends to and receives from in its segment group's ring."""
+    members = layout.segment_group(rank)
+    me = members.index(rank)
+    return members[(me + 1) % len(members)], members[(me - 1) % len(members)]
+
+
 def _spanning_forward(ctx: _Context, q, k, v, layout: PairLayout, sel: Selection):
     me, size = ctx.rank % layout.group_size, layout.group_size
     out = lse = None
@@ -88,8 +95,7 @@ def _spanning_forward(ctx: _Context, q, k, v, layout: PairLayout, sel: Selection
         for j in range(me + 1) if ctx.causal else range(size):  # later ranks' keys are the future
             fold(*ctx.attend(q, blocks[j, 0], blocks[j, 1], sel, diagonal=j == me))
         return out, lse
-    first = ctx.rank - me
-    send_to, recv_from = first + (me + 1) % size, first + (me - 1) % size
+    send_to, recv_from = _ring_neighbours(layout, ctx.rank)
     held = [k, v]
     for step in range(size):
         pending = C.start_exchange(held, send_to, recv_from, ctx.group) if step < size - 1 else None
@@ -116,8 +122,7 @@ def _spanning_backward(ctx: _Context, dout, q, k, v, out, lse, layout: PairLayou
             dkv[j, 1] += dv_b
         mine = C.reduce_scatter_blocks(dkv, segment_group)
         return dq, mine[0], mine[1]
-    first = ctx.rank - me
-    send_to, recv_from = first + (me + 1) % size, first + (me - 1) % size
+    send_to, recv_from = _ring_neighbours(layout, ctx.rank)
     held = [k, v]
     dkv = [torch.zeros_like(k, dtype=acc), torch.zeros_like(v, dtype=acc)]  # travel with the keys
     for step in range(size):
@@ -229,7 +234,7 @@ def ring_dilated_attention(
     if scale is not None and not (isinstance(scale, (int, float)) and scale > 0):
         raise ValueError(f"scale must be a positive number or None, got {scale!r}")
     pg = C.resolve_group(group)
-    rank, size = C.group_rank_and_size(pg)
+    _, size = C.group_rank_and_size(pg)
     if size > 1:
         C.check_same_shapes(q, k, pg)
     device_type = q.device.type

@@ -128,15 +128,52 @@ def vs_public() -> str:
     return section("Side by side with ring-attention-pytorch", r, "vs_public.png", body)
 
 
+def gpu() -> str:
+    path = ROOT / "results" / "gpu" / "gpu.json"
+    if not path.exists():
+        return ("## The GPU check\n\nNo GPU results are committed yet: the sessions that built this project so far "
+                "had no GPU. `python benchmarks/gpu.py` is the one command to run on a CUDA machine (under 8 minutes "
+                "on one GPU); it checks every CUDA backend against the `math` oracle (the ring case included), the "
+                "production module in bf16 against the float64 reference, and measures time, memory and TFLOP/s. It "
+                "writes `benchmarks/results/gpu/gpu.json`, which this page then shows. CI runs its `--dry-run` (the "
+                "same code on the CPU backends at small sizes) on every submission.\n")
+    r = load("gpu/gpu")
+    res, v = r["results"], r["results"]["versions"]
+    failed = [x for x in res["kernels"] if not x["ok"]]
+    by_backend: dict = {}
+    for x in res["kernels"]:
+        worst = max(x["errors"].values())
+        key = (x["backend"], x["dtype"])
+        by_backend[key] = max(by_backend.get(key, 0.0), worst)
+    kernel_rows = [[b, d, f"{e:.1e}"] for (b, d), e in sorted(by_backend.items())]
+    ref = res["reference"]
+    scaling_rows = [[x["seq_len"], f"{x['seconds']:.3f}", f"{x['peak_mib']:.0f}"] for x in res["scaling"]]
+    tput_rows = [[x["kind"], f"{x['seconds'] * 1000:.1f}", f"{x['tflops']:.1f}", f"{x['of_sdpa']:.2f}"]
+                 for x in res["throughput"]]
+    body = (f"{v['gpu']} (compute capability {'.'.join(map(str, v['capability']))}), torch {v['torch']}, CUDA "
+            f"{v['cuda']}, flash-attn: {v['flash_attn']}.\n\n**{res['summary']}**\n\n"
+            f"Kernels against the `math` oracle ({len(res['kernels']) - len(failed)} of {len(res['kernels'])} cases "
+            f"within tolerance; the worst relative error per backend and dtype, ring cases included):\n\n"
+            + table(["backend", "dtype", "worst error"], kernel_rows)
+            + f"\n\nbf16 against the float64 reference at N = {ref['seq_len']} (tolerances {ref['tolerance']}): "
+            f"core {', '.join(f'{n} {e:.1e}' for n, e in ref['core'].items())}; module output "
+            f"{ref['module']['out']:.1e}, input gradient {ref['module']['dx']:.1e}.\n\n"
+            "`RingMultiheadDilatedAttention` (bf16, LongNet pairs, causal) forward + backward:\n\n"
+            + table(["N", "seconds", "peak MiB"], scaling_rows)
+            + "\n\nThe dilated core against PyTorch's flash SDPA at the same N (causal, bf16):\n\n"
+            + table(["kernel", "ms", "TFLOP/s", "x SDPA"], tput_rows) + "\n")
+    return section("The GPU check", r, None, body)
+
+
 def main() -> None:
     machine = load("kernels")["machine"]
     intro = (f"# Benchmarks\n\nBenchmarks are scripts in `benchmarks/`, not tests. Each writes a JSON of its numbers "
              f"(with the machine, torch version, thread count and command line) and its plots to "
              f"`benchmarks/results/`; this page is generated from those files by `python benchmarks/report.py`. "
              f"Every script also has a `--quick` mode (under a minute).\n\nMachine: {machine['cpu']}, "
-             f"{machine['cores']} cores, {machine['memory_gib']} GiB, torch {machine['torch']}, no GPU. No GPU was "
-             f"available for these runs, so the CUDA backends and the GPU benchmark are not measured here.\n")
-    parts = [intro, kernels(), scaling(), ring_overhead(), memory(), million_tokens(), vs_public()]
+             f"{machine['cores']} cores, {machine['memory_gib']} GiB, torch {machine['torch']}, no GPU. The GPU "
+             f"numbers, where they exist, are in the last section, with the GPU and versions they came from.\n")
+    parts = [intro, kernels(), scaling(), ring_overhead(), memory(), million_tokens(), vs_public(), gpu()]
     PAGE.write_text("\n".join(parts))
     print(f"wrote {PAGE}")
 

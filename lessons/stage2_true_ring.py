@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 
 from lessons.stage1_simulated_ring import accumulation_dtype, block_attention, merge_into, merge_partials
-from ring_attention.comm import check_same_shapes
+from ring_attention.comm import check_same_shards
 from ring_attention.pattern import PairLayout, accumulate_rows, gather_rows, plan_pairs
 from ring_attention.validation import check_qkv
 
@@ -183,7 +183,7 @@ def ring_dilated_attention(
     their dilated keys/values around each segment group; the backward sends dk/dv home the same way.
     """
     check_qkv(q, k, v)
-    check_same_shapes(q, k, group or dist.group.WORLD)  # fail on every rank rather than hang in a receive
+    check_same_shards(q, k, group or dist.group.WORLD)  # fail on every rank rather than hang in a receive
     world_size = dist.get_world_size(group)
     batch, shard, heads, head_dim = q.shape
     layouts = plan_pairs(

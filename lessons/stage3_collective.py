@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 
 from lessons.stage1_simulated_ring import accumulation_dtype, block_attention, merge_into, merge_partials
-from ring_attention.comm import check_same_shapes
+from ring_attention.comm import check_same_shards
 from ring_attention.pattern import PairLayout, gather_rows, plan_pairs
 from ring_attention.validation import check_qkv
 
@@ -94,7 +94,7 @@ def ring_dilated_attention(
             f"group has {world_size} of the world's {dist.get_world_size()} ranks: stage 3 creates its segment "
             f"groups with dist.new_group, which every rank must call; pass group=None (the world)"
         )
-    check_same_shapes(q, k, group or dist.group.WORLD)
+    check_same_shards(q, k, group or dist.group.WORLD)
     rank = dist.get_rank(group)
     batch, shard, heads, head_dim = q.shape
     layouts = plan_pairs(

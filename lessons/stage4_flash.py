@@ -36,7 +36,7 @@ import torch.distributed as dist
 
 from lessons.stage1_simulated_ring import accumulation_dtype, merge_into, merge_partials
 from lessons.stage2_true_ring import ring_neighbours
-from ring_attention.comm import check_same_shapes, finish_exchange, start_exchange
+from ring_attention.comm import check_same_shards, finish_exchange, start_exchange
 from ring_attention.kernels import block_attention, block_attention_backward, select_backend
 from ring_attention.pattern import accumulate_rows, gather_rows, plan_pairs
 from ring_attention.validation import check_qkv
@@ -179,7 +179,7 @@ def ring_dilated_attention(
     check_qkv(q, k, v)
     backend = select_backend(backend, q)
     group = group or dist.group.WORLD
-    check_same_shapes(q, k, group)
+    check_same_shards(q, k, group)
     world_size = dist.get_world_size(group)
     batch, shard, heads, head_dim = q.shape
     layouts = plan_pairs(

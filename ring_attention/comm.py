@@ -37,16 +37,33 @@ def group_rank_and_size(group: dist.ProcessGroup | None) -> tuple[int, int]:
     return (0, 1) if group is None else (dist.get_rank(group), dist.get_world_size(group))
 
 
-def check_same_shapes(q: torch.Tensor, k: torch.Tensor, group: dist.ProcessGroup) -> None:
-    """Raise on every rank, instead of hanging in a receive, when the ranks' shards differ in shape."""
-    mine = torch.tensor([*q.shape, *k.shape], device=q.device)
-    shapes = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(shapes, mine, group=group)
-    if any(not torch.equal(s, shapes[0]) for s in shapes):
-        listed = ", ".join(f"rank {r}: q {s[:4].tolist()} k {s[4:].tolist()}" for r, s in enumerate(shapes))
+# what a shard's dtype and device type are encoded as when the ranks compare their shards
+_DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
+_DEVICE_TYPES = ("cpu", "cuda", "xpu", "mps", "hpu", "meta")
+
+
+def _describe(code: list[int]) -> str:
+    dtype = _DTYPES[code[8]] if 0 <= code[8] < len(_DTYPES) else "another dtype"
+    device = _DEVICE_TYPES[code[9]] if 0 <= code[9] < len(_DEVICE_TYPES) else "another device type"
+    return f"q {code[:4]} k {code[4:8]} {dtype} {device}"
+
+
+def check_same_shards(q: torch.Tensor, k: torch.Tensor, group: dist.ProcessGroup) -> None:
+    """Raise the same ``ValueError`` on every rank when the ranks' shards differ in shape, dtype or device type.
+
+    Every later message assumes that all ranks send tensors of one size: a rank that disagreed would hang
+    in a receive, or read half of another rank's bytes. One small all-gather settles it first.
+    """
+    dtype = _DTYPES.index(q.dtype) if q.dtype in _DTYPES else -1
+    device = _DEVICE_TYPES.index(q.device.type) if q.device.type in _DEVICE_TYPES else -1
+    mine = torch.tensor([*q.shape, *k.shape, dtype, device], device=q.device)
+    codes = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(codes, mine, group=group)
+    if any(not torch.equal(c, codes[0]) for c in codes):
+        listed = ", ".join(f"rank {r}: {_describe(c.tolist())}" for r, c in enumerate(codes))
         raise ValueError(
             f"the q/k shards differ between the ranks of the sequence group ({listed}): every rank must pass "
-            f"its own equal-length slice of the same sequence"
+            f"its own equal-length slice of the same sequence, with the same dtype and device type"
         )
 
 

@@ -16,6 +16,7 @@ global output and LSE, so only O(L) activations are kept.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 from collections.abc import Sequence
@@ -168,7 +169,7 @@ class _DilatedAttention(torch.autograd.Function):
         ctx: _Context = fctx.ctx
         acc = lse_dtype(q.dtype)
         dq, dk, dv = (torch.zeros_like(t, dtype=acc) for t in (q, k, v))
-        with torch.autocast(q.device.type, enabled=False):
+        with _autocast_off(q.device.type):
             for layout in ctx.layouts:
                 for sel in layout.selections:
                     q_rows = (layout.piece, sel.q_positions, sel.q_heads)
@@ -183,6 +184,13 @@ class _DilatedAttention(torch.autograd.Function):
                     accumulate_rows(dk, *kv_rows, grads[1])
                     accumulate_rows(dv, *kv_rows, grads[2])
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None
+
+
+def _autocast_off(device_type: str) -> contextlib.AbstractContextManager:
+    """The kernels and merges choose their own precision: autocast is off inside (where the device has it)."""
+    if torch.amp.is_autocast_available(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
 
 
 @functools.lru_cache(maxsize=64)
@@ -236,9 +244,10 @@ def ring_dilated_attention(
     pg = C.resolve_group(group)
     _, size = C.group_rank_and_size(pg)
     if size > 1:
-        C.check_same_shapes(q, k, pg)
+        C.check_same_shards(q, k, pg)
     device_type = q.device.type
-    if torch.is_autocast_enabled(device_type) and q.dtype == torch.float32:
+    autocast = torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
+    if autocast and q.dtype == torch.float32:
         low = torch.get_autocast_dtype(device_type)
         q, k, v = q.to(low), k.to(low), v.to(low)
     batch, shard, heads, head_dim = q.shape
@@ -246,5 +255,5 @@ def ring_dilated_attention(
     layouts = _plan(shard * size, size, tuple(segment_lengths), tuple(dilation_rates), heads, head_mode, k.shape[2],
                     q.device)
     ctx = _Context(layouts, pg, causal, scale or 1.0 / math.sqrt(head_dim), select_backend(backend, q), comm)
-    with torch.autocast(device_type, enabled=False):
+    with _autocast_off(device_type):
         return _DilatedAttention.apply(q, k, v, ctx)

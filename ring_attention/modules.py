@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 
 import torch
@@ -10,6 +11,16 @@ from torch import nn
 
 from ring_attention.comm import GroupLike
 from ring_attention.functional import ring_dilated_attention
+
+
+def is_causal_mask(mask: torch.Tensor, length: int) -> bool:
+    """Whether ``mask`` is the ``[length, length]`` causal mask, boolean (``True``: masked) or additive (``-inf``)."""
+    if mask.shape != (length, length):
+        return False
+    future = torch.ones(length, length, dtype=torch.bool, device=mask.device).triu(1)
+    if mask.dtype == torch.bool:
+        return torch.equal(mask, future)
+    return torch.equal(torch.isneginf(mask), future) and not mask.masked_fill(future, 0).any()
 
 
 class RingDilatedAttention(nn.Module):
@@ -40,6 +51,16 @@ class RingDilatedAttention(nn.Module):
         self.segment_lengths, self.dilation_rates = list(segment_lengths), list(dilation_rates)
         self.causal, self.head_mode, self.process_group = causal, head_mode, process_group
         self.comm, self.backend = comm, backend
+
+    def __deepcopy__(self, memo: dict) -> RingDilatedAttention:
+        # a process group is a handle to communicators, not data: copies of a layer (``nn.TransformerEncoder``
+        # clones its layer) share it, as they share the ranks
+        if self.process_group is not None:
+            memo[id(self.process_group)] = self.process_group
+        copied = self.__class__.__new__(self.__class__)
+        memo[id(self)] = copied
+        copied.__dict__.update({key: copy.deepcopy(value, memo) for key, value in self.__dict__.items()})
+        return copied
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool | None = None) -> torch.Tensor:
         return ring_dilated_attention(
@@ -85,6 +106,12 @@ class RingMultiheadDilatedAttention(nn.Module):
         comm: ``"ring"`` or ``"allgather"``.
         backend: kernel backend, ``"auto"`` by default.
     """
+
+    # PyTorch's Transformer layers read this attribute of their ``self_attn``: when it is True they may skip
+    # ``self_attn.forward`` in evaluation (a fused kernel computing *dense* attention from ``in_proj_weight``).
+    # False keeps every mode on this module's forward, so a layer computes dilated attention in training and
+    # in evaluation alike. (Whether the projections are packed is ``_packed_in_proj``.)
+    _qkv_same_embed_dim = False
 
     def __init__(
         self,
@@ -132,8 +159,8 @@ class RingMultiheadDilatedAttention(nn.Module):
         self.kdim, self.vdim = kdim or embed_dim, vdim or embed_dim
         self.batch_first, self.dropout = batch_first, dropout
         kv_dim = num_kv_heads * self.head_dim
-        self._qkv_same_embed_dim = self.kdim == embed_dim and self.vdim == embed_dim and kv_dim == embed_dim
-        if self._qkv_same_embed_dim:
+        self._packed_in_proj = self.kdim == embed_dim and self.vdim == embed_dim and kv_dim == embed_dim
+        if self._packed_in_proj:
             self.in_proj_weight = nn.Parameter(torch.empty(3 * embed_dim, embed_dim, **factory))
             self.register_parameter("q_proj_weight", None)
             self.register_parameter("k_proj_weight", None)
@@ -166,7 +193,7 @@ class RingMultiheadDilatedAttention(nn.Module):
 
     def _project(self, query, key, value):
         kv_dim = self.num_kv_heads * self.head_dim
-        if self._qkv_same_embed_dim:
+        if self._packed_in_proj:
             w_q, w_k, w_v = self.in_proj_weight.split([self.embed_dim, kv_dim, kv_dim])
         else:
             w_q, w_k, w_v = self.q_proj_weight, self.k_proj_weight, self.v_proj_weight
@@ -189,8 +216,10 @@ class RingMultiheadDilatedAttention(nn.Module):
         """Attention of ``query`` over ``key``/``value`` (this rank's slice of one sequence).
 
         Returns ``(output, None)``: attention weights are never materialised. ``is_causal=True`` makes
-        this call causal (as does ``causal=True`` at construction). ``average_attn_weights`` only
-        matters with weights, and is accepted for signature compatibility.
+        this call causal (as does ``causal=True`` at construction). ``attn_mask`` may only be the causal
+        mask of this call's length (``nn.Transformer.generate_square_subsequent_mask``, float or boolean),
+        which also makes the call causal; any other mask raises ``NotImplementedError``.
+        ``average_attn_weights`` only matters with weights, and is accepted for signature compatibility.
         """
         if need_weights:
             raise NotImplementedError(
@@ -198,10 +227,12 @@ class RingMultiheadDilatedAttention(nn.Module):
                 "weights; call with need_weights=False"
             )
         if attn_mask is not None:
-            raise NotImplementedError(
-                "attn_mask is not supported: the dilation pattern is the mask; use causal=True (or is_causal=True) "
-                "for causal attention"
-            )
+            if not is_causal_mask(attn_mask, query.shape[1 if self.batch_first else 0]):
+                raise NotImplementedError(
+                    "attn_mask is not supported except for the causal mask: the dilation pattern is the mask; use "
+                    "causal=True (or is_causal=True) for causal attention"
+                )
+            is_causal = True
         if key_padding_mask is not None:
             raise NotImplementedError(
                 "key_padding_mask is not supported: pad sequences to a multiple of the segment lengths and mask "

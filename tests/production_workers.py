@@ -97,14 +97,38 @@ def checkpointed_and_plain_gradients(rank, world_size):
     return results
 
 
-def sequence_not_divisible(rank, world_size):
-    q = torch.zeros(1, 12, 2, 4)  # 24 tokens on 2 ranks: a shard of 12 is not a multiple of w = 8
-    return ring_attention.ring_dilated_attention(q, q, q, [8], [1], group=dist.group.WORLD)
+def transformer_encoder(rank, world_size, x):
+    """``nn.TransformerEncoder`` (which deep-copies its layer) with dilated self-attention on a sequence group:
+    this rank's rows in training and in evaluation."""
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(16, 4, dim_feedforward=32, dropout=0.0, batch_first=True, dtype=torch.float64)
+    group = dist.group.WORLD if world_size > 1 else None
+    layer.self_attn = RingMultiheadDilatedAttention(16, 4, batch_first=True, dtype=torch.float64,
+                                                    segment_lengths=SEGMENTS, dilation_rates=RATES, causal=True,
+                                                    process_group=group)
+    encoder = nn.TransformerEncoder(layer, num_layers=2, enable_nested_tensor=False)
+    mine = shard_sequence(x, group, dim=1)
+    training = encoder(mine)
+    encoder.eval()
+    with torch.inference_mode():
+        evaluation = encoder(mine)
+    return training.detach(), evaluation
 
 
-def shapes_disagree(rank, world_size):
-    q = torch.zeros(1, 16 if rank == 0 else 8, 2, 4)
-    return ring_attention.ring_dilated_attention(q, q, q, [8], [1], group=dist.group.WORLD)
+def bad_sequence_groups(rank, world_size):
+    """Each rank's error for shards the group cannot split, and for ranks whose shards disagree."""
+    cases = {
+        "not divisible": torch.zeros(1, 12, 2, 4),  # 24 tokens on 2 ranks: a shard of 12 is not a multiple of 8
+        "shapes": torch.zeros(1, 16 if rank == 0 else 8, 2, 4),
+        "dtypes": torch.zeros(1, 16, 2, 4, dtype=torch.float32 if rank == 0 else torch.float64),
+    }
+    errors = {}
+    for case, q in cases.items():
+        try:
+            ring_attention.ring_dilated_attention(q, q, q, [8], [1], group=dist.group.WORLD)
+        except ValueError as error:
+            errors[case] = str(error)
+    return errors
 
 
 def gather_round_trip(rank, world_size):

@@ -155,7 +155,8 @@ def test_rejected_constructor_options(kwargs, words):
     "kwargs, words",
     [
         (dict(need_weights=True), "need_weights=True is not supported"),
-        (dict(attn_mask=torch.zeros(8, 8, dtype=torch.bool)), "attn_mask is not supported: .* use causal=True"),
+        (dict(attn_mask=torch.zeros(8, 8, dtype=torch.bool)),
+         "attn_mask is not supported except for the causal mask: .* use causal=True"),
         (dict(key_padding_mask=torch.zeros(2, 8, dtype=torch.bool)), "key_padding_mask is not supported: pad"),
     ],
 )
@@ -236,16 +237,29 @@ def test_a_one_dimensional_mesh_is_a_sequence_group():
                                       "sequence dimension, e.g. mesh['sp']")
 
 
-@pytest.mark.parametrize(
-    "worker, words",
-    [
-        (pw.sequence_not_divisible, r"pair 0 \(w=8, r=1\): shard length 12 must be a multiple of the segment length"),
-        (pw.shapes_disagree, r"the q/k shards differ between the ranks of the sequence group"),
-    ],
-)
-def test_a_bad_sequence_group_fails_on_every_rank(worker, words):
-    with pytest.raises(RuntimeError, match=rf"(?s)failed:.*ValueError: {words}"):
-        run_on_ranks(worker, 2, timeout=60)
+def test_a_transformer_encoder_of_dilated_layers_on_two_ranks_equals_one_process():
+    x = torch.randn(2, 32, 16, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    expected, expected_eval = pw.transformer_encoder(0, 1, x)
+    assert rel_err(expected_eval, expected) < 1e-12
+    per_rank = run_on_ranks(pw.transformer_encoder, 2, x)
+    for mode in (0, 1):
+        assert rel_err(torch.cat([r[mode] for r in per_rank], dim=1), expected) < 1e-10
+
+
+def test_a_bad_sequence_group_fails_with_the_same_error_on_every_rank():
+    per_rank = run_on_ranks(pw.bad_sequence_groups, 2, timeout=120)
+    assert per_rank[0] == per_rank[1]  # every rank raised, with the same message
+    errors = per_rank[0]
+    assert errors["not divisible"].startswith(
+        "pair 0 (w=8, r=1): shard length 12 must be a multiple of the segment length 8")
+    assert errors["shapes"] == (
+        "the q/k shards differ between the ranks of the sequence group (rank 0: q [1, 16, 2, 4] k [1, 16, 2, 4] "
+        "torch.float32 cpu, rank 1: q [1, 8, 2, 4] k [1, 8, 2, 4] torch.float32 cpu): every rank must pass its own "
+        "equal-length slice of the same sequence, with the same dtype and device type")
+    assert errors["dtypes"] == (
+        "the q/k shards differ between the ranks of the sequence group (rank 0: q [1, 16, 2, 4] k [1, 16, 2, 4] "
+        "torch.float32 cpu, rank 1: q [1, 16, 2, 4] k [1, 16, 2, 4] torch.float64 cpu): every rank must pass its "
+        "own equal-length slice of the same sequence, with the same dtype and device type")
 
 
 def test_gather_sequence_returns_each_rank_its_slice_of_the_gradient():

@@ -69,7 +69,7 @@ def ring_overhead() -> str:
              f"{x['total_bytes'] / 2**20:.2f}"] for x in res["rows"]]
     body = (f"N = {res['seq_len']}, pairs {res['pairs']}, causal, float32. The P processes share this machine's "
             f"{r['machine']['cores']} cores, so the time ratio includes that contention. The K/V bytes each rank "
-            f"receives in the forward equal DESIGN.md §3's `(G - 1) L / r` tokens per spanning pair exactly (the "
+            f"receives in the forward equal the Concepts page's `(G - 1) L / r` tokens per spanning pair exactly (the "
             f"script stops otherwise).\n\n"
             + table(["comm", "P", "fwd+bwd (s)", "x one process", "waiting (s)", "forward K/V MiB",
                      "formula MiB", "fwd+bwd MiB"], rows))

@@ -5,7 +5,7 @@
 The production core on N = 16384 tokens (4 heads of 64, float32, causal, pairs with w / r = 2048), forward
 + backward, once on one process (``group=None``) and on P = 2, 4, 8 processes for both ``comm`` modes. Each
 rank counts the bytes it receives from other ranks and the time it spends waiting on communication (by
-wrapping ``ring_attention.comm``). The forward's K/V bytes must equal DESIGN.md §3: each spanning pair moves
+wrapping ``ring_attention.comm``). The forward's K/V bytes must equal docs/concepts.md: each spanning pair moves
 ``(G - 1) L / r`` tokens per rank and kv head; the script stops if they do not. On this machine all P
 processes share the same cores, so the P-rank time includes that contention: the ratio is an upper bound
 of the overhead, not a speed-up measurement.
@@ -93,7 +93,7 @@ def measure(rank: int, world_size: int, seq_len: int, mode: str) -> dict:
 
 
 def formula_forward_bytes(seq_len: int, world_size: int) -> int:
-    """DESIGN.md §3: (G - 1) L / r tokens of K and V per spanning pair, rank and kv head."""
+    """docs/concepts.md, Communication: (G - 1) L / r tokens of K and V per spanning pair, rank and kv head."""
     segments, rates = pairs(seq_len)
     shard = seq_len // world_size
     return sum((layout.group_size - 1) * shard // layout.rate * HEADS * HEAD_DIM * 2 * 4

@@ -116,6 +116,52 @@ def run_stage(
     return dict(out=out.detach(), dq=dq, dk=dk, dv=dv, seconds=seconds, peak_bytes=max(peak, 0))
 
 
+def saved_for_backward(rank: int, world_size: int, target: str, problem: Problem) -> dict[str, int]:
+    """Bytes autograd keeps for the backward after one forward of ``target`` on this rank's shard, by kind.
+
+    Counted on the storages the saved tensors live in (each once): the gathered keys and values of stage 3's
+    ``AllGather``, score-sized tensors (4-D blocks whose last dimension is a key length, not the head dim:
+    scores and probabilities), and the rest (shards, outputs, log-sum-exps, rows).
+    """
+    import lessons.stage3_collective as stage3
+
+    module, _, name = target.partition(":")
+    attention = getattr(importlib.import_module(module), name or "ring_dilated_attention")
+    gathered: set[int] = set()
+    all_gather = stage3.AllGather.forward
+
+    def recording_all_gather(ctx, x, group):
+        out = all_gather(ctx, x, group)
+        gathered.add(out.untyped_storage().data_ptr())
+        return out
+
+    storages: dict[int, tuple[str, int]] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() in gathered:
+            kind = "gathered keys and values"
+        elif t.dim() == 4 and t.shape[-1] != problem.head_dim:
+            kind = "scores and probabilities"
+        else:
+            kind = "shards, outputs and the rest"
+        storages.setdefault(storage.data_ptr(), (kind, storage.nbytes()))
+        return t
+
+    q, k, v, _ = (shard(t, rank, world_size).clone() for t in problem.inputs())
+    q, k, v = (t.requires_grad_(True) for t in (q, k, v))
+    stage3.AllGather.forward = staticmethod(recording_all_gather)
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            attention(q, k, v, list(problem.segment_lengths), list(problem.dilation_rates), **problem.options())
+    finally:
+        stage3.AllGather.forward = staticmethod(all_gather)
+    totals = dict.fromkeys(("scores and probabilities", "gathered keys and values", "shards, outputs and the rest"), 0)
+    for kind, nbytes in storages.values():
+        totals[kind] += nbytes
+    return totals
+
+
 def run_battery(rank: int, world_size: int, problems: list[Problem], modules: list[str]) -> list[list[dict]]:
     """``run_stage`` for every problem and module, in one process start: ``result[problem][module]``."""
     return [[run_stage(rank, world_size, m, p) for m in modules] for p in problems]

@@ -10,16 +10,18 @@ What changes from stage 2 (and why):
    they are PyTorch's flash kernel (``cpu_flash``), on CUDA flash-attn or PyTorch's CUDA kernels.
 2. **The backward is the kernels' backward, given the ring's global output and LSE.** Stage 2 wrote
    the block gradient by hand; here the kernel's own backward computes it, because ``exp(S - lse_global)``
-   is exactly the block's share of the row's softmax (see the kernels' module docstring).
-3. **Heads that share a dilation offset are computed together** on compacted ``[B, L/r, h, D]`` tensors
-   (one kernel call per head selection, as stage 2 already did), so a kernel sees dense, regular blocks.
-4. **Communication overlaps compute.** Stage 2 computed a block, then exchanged, then computed the next.
+   is exactly the block's share of the row's softmax (see the kernels' module docstring): it returns the
+   key block's share of dq and this query block's contribution to the key block's dk, dv.
+3. **Communication overlaps compute.** Stage 2 computed a block, then exchanged, then computed the next.
    Here the next step's ``batch_isend_irecv`` is posted *before* the current block is computed and
    waited on after it, so the transfer runs while the kernel does (stage 2's ``exchange`` split in two:
    ``start_exchange`` and ``finish_exchange`` of `ring_attention.comm`). In the backward the keys travel ahead
    the same way; the dk/dv accumulators can only leave once the block's gradient is added, so that one
    transfer is not hidden. ``overlap=False`` gives the stage-2 order, for comparison; ``timeline`` records
    when each step computed and waited.
+
+What does not change: the rows each kernel call sees are stage 2's selections (heads that keep the same
+number of positions per piece, gathered into one tensor), and the merge is stage 1's.
 
 The result is stage 3's, to float rounding: same rows, same gradients.
 """

@@ -1,7 +1,7 @@
 """Dense dilated attention with explicit masks: slow, obviously correct, the ground truth of every test.
 
 Everything here materialises the full ``[N, N]`` score matrix, so keep sizes small and use float64.
-The definition (LongNet, Ding et al. 2023, §2.2-§2.4) is in DESIGN.md §2.
+The definition (LongNet, Ding et al. 2023, §2.2-§2.4) is on the Concepts page (`docs/concepts.md`).
 """
 
 from __future__ import annotations
@@ -88,18 +88,25 @@ def dilation_mask(
     *,
     causal: bool = False,
     head_mode: str = "all",
+    num_kv_heads: int | None = None,
 ) -> torch.Tensor:
     """Which keys each query sees, per pair: a boolean ``[num_pairs, H, N, N]`` tensor.
 
     ``mask[i, h, a, b]`` is ``True`` when pair ``i`` lets query ``a`` of head ``h`` attend key ``b``:
     both in the same segment of length ``min(w_i, N)``, both at a position ``t`` (counted from the segment
-    start) with ``t % r_i == h % r_i``, the head takes pair ``i``, and (causal) ``b <= a``. The combined
-    ``[H, N, N]`` pattern of all pairs is ``mask.any(0)``; ``mask.sum(0)`` counts the pairs holding each
-    (query, key) couple, which is how much that key weighs in the merged softmax.
+    start) with ``t % r_i == o``, the head takes pair ``i``, and (causal) ``b <= a``. The offset ``o`` is that
+    of the head's kv head, ``(h // (num_heads / num_kv_heads)) % r_i`` (grouped-query attention), which is
+    ``h % r_i`` without it. The combined ``[H, N, N]`` pattern of all pairs is ``mask.any(0)``;
+    ``mask.sum(0)`` counts the pairs holding each (query, key) couple, which is how much that key weighs in
+    the merged softmax.
     """
     check_pairs(segment_lengths, dilation_rates)
     check_sequence_length(seq_len, segment_lengths)
     check_head_mode(head_mode, num_heads, len(segment_lengths))
+    num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
+    if num_heads % num_kv_heads != 0:
+        raise ValueError(f"num_kv_heads={num_kv_heads} must divide num_heads={num_heads}")
+    heads_per_kv = num_heads // num_kv_heads
     num_pairs = len(segment_lengths)
     heads_of_pair = [range(num_heads)] * num_pairs if head_mode == "all" else head_groups(num_heads, num_pairs)
     pos = torch.arange(seq_len)
@@ -108,7 +115,7 @@ def dilation_mask(
         w = min(w, seq_len)
         same_segment = (pos[:, None] // w) == (pos[None, :] // w)
         for h in heads_of_pair[i]:
-            selected = (pos % w) % r == h % r
+            selected = (pos % w) % r == (h // heads_per_kv) % r
             masks[i, h] = same_segment & selected[:, None] & selected[None, :]
     if causal:
         masks &= torch.ones(seq_len, seq_len, dtype=torch.bool).tril()
@@ -145,20 +152,24 @@ def dilated_attention(
 
     Args:
         q: queries ``[batch, seq, heads, head_dim]``.
-        k: keys, same shape, dtype and device as ``q``.
-        v: values, same shape, dtype and device as ``q``.
+        k: keys ``[batch, seq, kv_heads, head_dim]``, same dtype and device as ``q``; ``kv_heads`` divides
+            ``heads`` (grouped-query attention: query head ``h`` uses kv head ``h // (heads / kv_heads)``,
+            whose offset sets the positions both keep).
+        v: values, shaped like ``k``.
         segment_lengths: the segment length ``w_i`` of each pair.
         dilation_rates: the dilation rate ``r_i`` of each pair.
         causal: a query attends only to keys at or before its position.
         head_mode: ``"all"`` (every head takes every pair) or ``"groups"`` (head group i takes pair i).
         return_lse: also return the merged log-sum-exp ``[B, N, H]``.
     """
-    check_qkv(q, k, v)
+    check_qkv(q, k, v, allow_gqa=True)
     check_pairs(segment_lengths, dilation_rates)
     warn_uncovered(dilation_rates)
+    heads, kv_heads = q.shape[2], k.shape[2]
     masks = dilation_mask(
-        q.shape[1], segment_lengths, dilation_rates, q.shape[2], causal=causal, head_mode=head_mode
+        q.shape[1], segment_lengths, dilation_rates, heads, causal=causal, head_mode=head_mode, num_kv_heads=kv_heads
     ).to(q.device)
+    k, v = (t.repeat_interleave(heads // kv_heads, dim=2) for t in (k, v))  # kv head j serves query heads j*g ...
     partials = [attention(q, k, v, mask, return_lse=True) for mask in masks]
     out, lse = merge_partials([o for o, _ in partials], [s for _, s in partials])
     return (out, lse) if return_lse else out

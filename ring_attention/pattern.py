@@ -1,4 +1,4 @@
-"""Which rows each pair selects, and how a pair sits on the ranks (DESIGN.md §2-§3).
+"""Which rows each pair selects, and how a pair sits on the ranks (docs/concepts.md: the operator, sharding).
 
 This is bookkeeping shared by the lessons and the production code: the attention itself lives elsewhere.
 A *piece* is the part of one segment that one rank holds: the whole segment when it fits in a shard

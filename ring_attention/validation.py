@@ -111,7 +111,7 @@ def check_sharding(
 ) -> int:
     """Check that a sequence of ``seq_len`` tokens can be split over ``world_size`` ranks.
 
-    Returns the shard length ``L``. DESIGN.md §3: a pair whose segment fits in a shard needs
+    Returns the shard length ``L``. Sharding (docs/concepts.md): a pair whose segment fits in a shard needs
     ``L % w == 0``; a pair whose segment spans ranks needs ``w % L == 0`` and ``L % r == 0``.
     """
     if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size <= 0:

@@ -11,20 +11,6 @@ from lessons.launch import run_on_ranks
 from ring_attention import RingDilatedAttention, RingMultiheadDilatedAttention, ring_dilated_attention
 
 
-def gqa_reference(q, k, v, segments, rates, causal=False, head_mode="all"):
-    """Dense oracle for grouped-query attention: query head h uses kv head h // g and that kv head's offset."""
-    heads, kv_heads, seq_len = q.shape[2], k.shape[2], q.shape[1]
-    per_kv = reference.dilation_mask(seq_len, segments, rates, kv_heads, causal=causal)  # offsets j mod r
-    taking = [range(heads)] * len(segments) if head_mode == "all" else reference.head_groups(heads, len(segments))
-    masks = torch.zeros(len(segments), heads, seq_len, seq_len, dtype=torch.bool)
-    for i, query_heads in enumerate(taking):
-        for h in query_heads:
-            masks[i, h] = per_kv[i, h // (heads // kv_heads)]
-    k, v = (t.repeat_interleave(heads // kv_heads, dim=2) for t in (k, v))
-    partials = [reference.attention(q, k, v, m, return_lse=True) for m in masks]
-    return reference.merge_partials([o for o, _ in partials], [s for _, s in partials])[0]
-
-
 def with_grads(fn, q, k, v, grad_out):
     q, k, v = (t.detach().clone().requires_grad_(True) for t in (q, k, v))
     out = fn(q, k, v)
@@ -39,17 +25,12 @@ SEGMENTS, RATES = [16, 64], [1, 4]
 def test_gqa_one_process_matches_oracle(causal, head_mode):
     q, k, v = random_qkv(2, 64, 6, 8, kv_heads=3)
     grad_out = torch.randn(2, 64, 6, 8, dtype=torch.float64)
-    ours = with_grads(lambda q, k, v: ring_dilated_attention(q, k, v, SEGMENTS, RATES, causal=causal,
-                                                             head_mode=head_mode), q, k, v, grad_out)
-    truth = with_grads(lambda q, k, v: gqa_reference(q, k, v, SEGMENTS, RATES, causal, head_mode), q, k, v, grad_out)
+    options = dict(causal=causal, head_mode=head_mode)
+    ours = with_grads(lambda q, k, v: ring_dilated_attention(q, k, v, SEGMENTS, RATES, **options), q, k, v, grad_out)
+    truth = with_grads(lambda q, k, v: reference.dilated_attention(q, k, v, SEGMENTS, RATES, **options),
+                       q, k, v, grad_out)
     for a, b in zip(ours, truth):
         assert rel_err(a, b) < 1e-10
-
-
-def test_without_gqa_the_oracle_is_the_reference():
-    q, k, v = random_qkv(1, 64, 4, 8)
-    expected = reference.dilated_attention(q, k, v, SEGMENTS, RATES, causal=True)
-    assert rel_err(gqa_reference(q, k, v, SEGMENTS, RATES, causal=True), expected) < 1e-14
 
 
 @pytest.fixture(scope="module")
@@ -71,10 +52,8 @@ def four_rank_cases():
 def test_gqa_on_four_ranks_matches_oracle(four_rank_cases):
     cases, per_rank = four_rank_cases
     for i, (q, k, v, grad_out, options) in enumerate(cases[:2]):
-        causal, head_mode = options.get("causal", False), options.get("head_mode", "all")
-        truth = with_grads(
-            lambda q, k, v: gqa_reference(q, k, v, SEGMENTS, RATES, causal, head_mode), q, k, v, grad_out  # noqa: B023
-        )
+        truth = with_grads(lambda q, k, v: reference.dilated_attention(q, k, v, **options), q, k, v,  # noqa: B023
+                           grad_out)
         for comm in ("ring", "allgather"):
             for j, want in enumerate(truth):
                 got = torch.cat([r[i][comm][j] for r in per_rank], dim=1)

@@ -104,7 +104,7 @@ def test_rows_without_keys_are_zero_with_finite_gradients():
 
 
 def test_key_shared_by_two_pairs_weighs_twice():
-    # DESIGN.md §2: the mixture is one softmax where a key counts once per pair that contains it
+    # docs/concepts.md: the mixture is one softmax where a key counts once per pair that contains it
     q, k, v = random_qkv(1, 8, 1, 4)
     out = reference.dilated_attention(q, k, v, [8, 4], [1, 1])
     mask = reference.dilation_mask(8, [8, 4], [1, 1], 1)[:, 0].double()  # [2, N, N]
@@ -113,3 +113,30 @@ def test_key_shared_by_two_pairs_weighs_twice():
     weights = counts * scores.exp()
     expected = (weights / weights.sum(-1, keepdim=True)) @ v[0, :, 0]
     assert rel_err(out[0, :, 0], expected) < 1e-13
+
+
+@pytest.mark.parametrize("head_mode", ["all", "groups"])
+def test_grouped_query_heads_keep_the_positions_of_their_kv_head(head_mode):
+    # 6 query heads on 3 kv heads: query head h keeps what kv head h // 2 would keep as a head of its own
+    segments, rates = [8, 16, 32], [1, 2, 4]
+    gqa = reference.dilation_mask(32, segments, rates, 6, head_mode=head_mode, num_kv_heads=3)
+    per_kv = reference.dilation_mask(32, segments, rates, 3)
+    taking = reference.head_groups(6, 3) if head_mode == "groups" else [range(6)] * 3
+    for i, heads in enumerate(taking):
+        for h in range(6):
+            expected = per_kv[i, h // 2] if h in heads else torch.zeros(32, 32, dtype=torch.bool)
+            assert torch.equal(gqa[i, h], expected)
+
+
+def test_grouped_query_attention_is_attention_with_repeated_kv_heads():
+    # with one pair of rate 1 every head sees every key: GQA is plain attention on repeated k, v
+    q, k, v = random_qkv(2, 16, 4, 8, kv_heads=2)
+    out = reference.dilated_attention(q, k, v, [16], [1], causal=True)
+    expected = reference.attention(q, k.repeat_interleave(2, dim=2), v.repeat_interleave(2, dim=2), causal=True)
+    assert rel_err(out, expected) < 1e-14
+
+
+def test_kv_heads_must_divide_query_heads():
+    q, k, v = random_qkv(1, 8, 4, 4, kv_heads=3)
+    with pytest.raises(ValueError, match="k has 3 heads, which does not divide q's 4 heads"):
+        reference.dilated_attention(q, k, v, [8], [1])

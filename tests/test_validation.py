@@ -1,4 +1,4 @@
-"""Every bad input of DESIGN.md §2-§3 raises with the argument named in the message."""
+"""Every bad input (the rules of docs/concepts.md: the operator, the sharding) raises with the argument named."""
 
 import pytest
 import torch

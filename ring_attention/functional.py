@@ -1,17 +1,16 @@
 """The functional core: exact dilated attention on this rank's shard of a sequence.
 
-One ``torch.autograd.Function`` computes every (pair, head selection) of the operator with the fused
-kernels of `ring_attention.kernels` and merges the pieces by their log-sum-exp in float32 (float64 for
-float64 input). Pairs whose segments span ranks communicate in one of two ways:
+One ``torch.autograd.Function`` computes every pair of the operator with the fused kernels of
+`ring_attention.kernels` and merges the pieces by their log-sum-exp in float32 (float64 for float64 input):
 
-- ``comm="ring"``: the dilated keys/values rotate around the segment group with point-to-point messages,
-  each step's transfer posted before the current block is computed; the backward sends the dk/dv
-  accumulators home around the same ring (lesson 4).
-- ``comm="allgather"``: the segment group's dilated keys/values are all-gathered in one collective (LongNet's
-  algorithm, lesson 3); the backward gathers them again and reduce-scatters dk/dv to their owners.
+- a pair whose segments fit in a shard (a *local* pair) is computed on strided views of the ``[B, L, H, D]``
+  tensors (`ring_attention.pattern.row_view`): no row is copied, and each kernel's output is merged straight
+  into the output through the same views;
+- a pair whose segments span ranks gathers its kept rows into dense blocks, which travel by ring or
+  all-gather (`ring_attention.spanning`).
 
-The backward recomputes every block through the kernels' backward from the saved shards and the rows'
-global output and LSE, so only O(L) activations are kept.
+The backward recomputes every block through the kernels' backward from the saved inputs and the rows'
+global output and LSE, so only O(L) activations are kept, and accumulates dq, dk, dv through the same views.
 """
 
 from __future__ import annotations
@@ -25,119 +24,102 @@ import torch
 
 from ring_attention import comm as C
 from ring_attention.kernels import block_attention, block_attention_backward, lse_dtype, select_backend
-from ring_attention.pattern import PairLayout, Selection, accumulate_rows, gather_rows, plan_pairs, scatter_rows
+from ring_attention.pattern import (
+    PairLayout,
+    accumulate_rows,
+    gather_rows,
+    plan_pairs,
+    row_view,
+    scatter_rows,
+    viewable,
+)
+from ring_attention.spanning import Attend, merge_partials, spanning_backward, spanning_forward
 from ring_attention.validation import check_pairs, check_qkv
 
 COMM_MODES = ("ring", "allgather")
+_CHUNKS = 4  # a local pair's kernel calls per view, at most: bounds each call's outputs to ~1/4 of the shard
 
 
-def merge_partials(out_a, lse_a, out_b, lse_b):
-    """Attention over key sets A and B merged into attention over A ∪ B (``lse = -inf``: no key yet)."""
-    peak = torch.maximum(lse_a, lse_b)
-    empty = peak == -math.inf
-    peak = torch.where(empty, torch.zeros_like(peak), peak)
-    weight_a, weight_b = torch.exp(lse_a - peak), torch.exp(lse_b - peak)
-    total = torch.where(empty, torch.ones_like(peak), weight_a + weight_b)
-    out = (weight_a.unsqueeze(-1) * out_a + weight_b.unsqueeze(-1) * out_b) / total.unsqueeze(-1)
-    return out, torch.where(empty, torch.full_like(peak, -math.inf), peak + torch.log(total))
+def merge_into(out: torch.Tensor, lse: torch.Tensor, o: torch.Tensor, s: torch.Tensor) -> None:
+    """Merge a partial ``(o, s)`` into the running ``(out, lse)`` in place (views of the accumulators).
+
+    The online softmax merge of `merge_partials`, without its guards: a kernel's ``s`` is finite (every
+    kept query sees at least itself), so ``logaddexp`` and the weights never meet ``-inf - -inf``.
+    """
+    merged = torch.logaddexp(lse, s)
+    out.mul_(torch.exp(lse - merged).unsqueeze(-1)).add_(torch.exp(s - merged).unsqueeze(-1) * o)
+    lse.copy_(merged)
 
 
 class _Context:
     """Everything one call needs besides tensors: layout, group, and how blocks are computed."""
 
-    def __init__(self, layouts, group, causal, scale, backend, comm_mode):
-        self.layouts, self.group, self.causal, self.scale = layouts, group, causal, scale
-        self.backend, self.comm_mode = backend, comm_mode
+    def __init__(self, layouts: list[PairLayout], group, causal: bool, scale: float, backend: str, comm_mode: str):
+        self.layouts, self.group, self.comm_mode = layouts, group, comm_mode
+        self.attend = Attend(causal, scale, backend)
         self.rank, _ = C.group_rank_and_size(group)
 
-    def attend(self, q, k, v, sel: Selection, diagonal: bool):
-        k, v = expand_kv(k, sel), expand_kv(v, sel)
-        out, lse = block_attention(q, k, v, causal=self.causal and diagonal, scale=self.scale, backend=self.backend)
-        return out.to(lse.dtype), lse
+    def local_forward(self, q, k, v, out, lse, layout: PairLayout, first: bool) -> None:
+        """A local pair, view by view; ``first``: the rows hold nothing yet, so results are written, not merged."""
+        a = self.attend
+        for rows in _view_chunks(layout, q):
+            o, s = block_attention(rows(q), rows(k, True), rows(v, True), causal=a.causal, scale=a.scale,
+                                   backend=a.backend)
+            if first:
+                rows(out).copy_(o)
+                rows(lse).copy_(s)
+            else:
+                merge_into(rows(out), rows(lse), o.to(out.dtype), s)
 
-    def attend_backward(self, dout, q, k, v, out, lse, sel: Selection, diagonal: bool):
-        dq, dk, dv = block_attention_backward(
-            dout, q, expand_kv(k, sel), expand_kv(v, sel), out, lse, causal=self.causal and diagonal,
-            scale=self.scale, backend=self.backend,
+    def spanning_forward(self, q, k, v, out, lse, layout: PairLayout, first: bool) -> None:
+        """A spanning pair: its rows gathered into blocks, computed across the segment group, scattered back."""
+        (sel,) = layout.selections  # L % r == 0: every head keeps L / r rows, one selection
+        q_rows = (layout.piece, sel.q_positions, sel.q_heads)
+        kv_rows = (layout.piece, sel.kv_positions, sel.kv_heads)
+        o, s = spanning_forward(self.attend, self.comm_mode, self.group, self.rank, gather_rows(q, *q_rows),
+                                gather_rows(k, *kv_rows), gather_rows(v, *kv_rows), layout, sel)
+        if not first:
+            o, s = merge_partials(gather_rows(out, *q_rows), gather_rows(lse, *q_rows), o, s)
+        scatter_rows(out, *q_rows, o)
+        scatter_rows(lse, *q_rows, s)
+
+    def local_backward(self, dout, q, k, v, out, lse, dq, dk, dv, layout: PairLayout, first: bool) -> None:
+        """A local pair, view by view; ``first``: the gradients are written, not added (a covering first pair)."""
+        a = self.attend
+        for rows in _view_chunks(layout, q):
+            grads = block_attention_backward(rows(dout), rows(q), rows(k, True), rows(v, True), rows(out), rows(lse),
+                                             causal=a.causal, scale=a.scale, backend=a.backend)
+            for acc, grad, kv in zip((dq, dk, dv), grads, (False, True, True)):
+                if first:
+                    rows(acc, kv).copy_(grad)
+                else:
+                    rows(acc, kv).add_(grad)
+
+    def spanning_backward(self, dout, q, k, v, out, lse, dq, dk, dv, layout: PairLayout, first: bool) -> None:
+        (sel,) = layout.selections
+        q_rows = (layout.piece, sel.q_positions, sel.q_heads)
+        kv_rows = (layout.piece, sel.kv_positions, sel.kv_heads)
+        grads = spanning_backward(
+            self.attend, self.comm_mode, self.group, self.rank, *(gather_rows(t, *q_rows) for t in (dout, q)),
+            *(gather_rows(t, *kv_rows) for t in (k, v)), *(gather_rows(t, *q_rows) for t in (out, lse)), layout, sel,
         )
-        return dq, reduce_kv(dk, sel), reduce_kv(dv, sel)
+        accumulate_rows(dq, *q_rows, grads[0])
+        accumulate_rows(dk, *kv_rows, grads[1])
+        accumulate_rows(dv, *kv_rows, grads[2])
 
 
-def expand_kv(x: torch.Tensor, sel: Selection) -> torch.Tensor:
-    """kv heads ``[B, n, h_kv, D]`` -> one per query head ``[B, n, h, D]`` (grouped-query attention)."""
-    return x if sel.kv_heads.numel() == sel.q_heads.numel() else x.index_select(2, sel.kv_index)
+def _view_chunks(layout: PairLayout, x: torch.Tensor):
+    """``rows(t, kv=False)`` for each kernel call of a local pair on tensors shaped like ``x`` [B, L, ...]: every
+    view, cut along its ``B L / piece`` pieces into at most `_CHUNKS` calls, so that a call's outputs and
+    gradients stay a fraction of the shard's size."""
+    pieces = x.shape[0] * (x.shape[1] // layout.piece)
+    step = -(-pieces // _CHUNKS)
+    for view in layout.views:
+        for start in range(0, pieces, step):
+            def rows(t, kv=False, view=view, start=start):
+                return row_view(t, layout.piece, layout.rate, view, kv)[start: start + step]  # [pieces, n, h, ...]
 
-
-def reduce_kv(grad: torch.Tensor, sel: Selection) -> torch.Tensor:
-    """Gradient per query head -> per kv head: the query heads sharing a kv head add up."""
-    if sel.kv_heads.numel() == sel.q_heads.numel():
-        return grad
-    shape = (*grad.shape[:2], sel.kv_heads.numel(), grad.shape[3])
-    return grad.new_zeros(shape).index_add_(2, sel.kv_index, grad)
-
-
-def _ring_neighbours(layout: PairLayout, rank: int) -> tuple[int, int]:
-    """The group ranks ``rank`` sends to and receives from in its segment group's ring."""
-    members = layout.segment_group(rank)
-    me = members.index(rank)
-    return members[(me + 1) % len(members)], members[(me - 1) % len(members)]
-
-
-def _spanning_forward(ctx: _Context, q, k, v, layout: PairLayout, sel: Selection):
-    me, size = ctx.rank % layout.group_size, layout.group_size
-    out = lse = None
-
-    def fold(o, s):
-        nonlocal out, lse
-        out, lse = (o, s) if out is None else merge_partials(out, lse, o, s)
-
-    if ctx.comm_mode == "allgather":
-        blocks = C.all_gather_blocks(torch.stack([k, v]), C.segment_process_group(layout, ctx.rank, ctx.group))
-        for j in range(me + 1) if ctx.causal else range(size):  # later ranks' keys are the future
-            fold(*ctx.attend(q, blocks[j, 0], blocks[j, 1], sel, diagonal=j == me))
-        return out, lse
-    send_to, recv_from = _ring_neighbours(layout, ctx.rank)
-    held = [k, v]
-    for step in range(size):
-        pending = C.start_exchange(held, send_to, recv_from, ctx.group) if step < size - 1 else None
-        source = (me - step) % size
-        if not (ctx.causal and source > me):
-            fold(*ctx.attend(q, *held, sel, diagonal=source == me))
-        if pending is not None:
-            held = C.finish_exchange(pending)
-    return out, lse
-
-
-def _spanning_backward(ctx: _Context, dout, q, k, v, out, lse, layout: PairLayout, sel: Selection):
-    me, size = ctx.rank % layout.group_size, layout.group_size
-    acc = lse_dtype(q.dtype)
-    dq = torch.zeros_like(q, dtype=acc)
-    if ctx.comm_mode == "allgather":
-        segment_group = C.segment_process_group(layout, ctx.rank, ctx.group)
-        blocks = C.all_gather_blocks(torch.stack([k, v]), segment_group)  # gathered again, not kept from forward
-        dkv = torch.zeros_like(blocks, dtype=acc)  # [G, 2, B, n, h_kv, D]
-        for j in range(me + 1) if ctx.causal else range(size):
-            dq_b, dk_b, dv_b = ctx.attend_backward(dout, q, blocks[j, 0], blocks[j, 1], out, lse, sel, diagonal=j == me)
-            dq += dq_b
-            dkv[j, 0] += dk_b
-            dkv[j, 1] += dv_b
-        mine = C.reduce_scatter_blocks(dkv, segment_group)
-        return dq, mine[0], mine[1]
-    send_to, recv_from = _ring_neighbours(layout, ctx.rank)
-    held = [k, v]
-    dkv = [torch.zeros_like(k, dtype=acc), torch.zeros_like(v, dtype=acc)]  # travel with the keys
-    for step in range(size):
-        pending = C.start_exchange(held, send_to, recv_from, ctx.group) if step < size - 1 else None
-        source = (me - step) % size
-        if not (ctx.causal and source > me):
-            dq_b, dk_b, dv_b = ctx.attend_backward(dout, q, *held, out, lse, sel, diagonal=source == me)
-            dq += dq_b
-            dkv[0] += dk_b
-            dkv[1] += dv_b
-        if pending is not None:
-            held = C.finish_exchange(pending)
-        dkv = C.finish_exchange(C.start_exchange(dkv, send_to, recv_from, ctx.group))  # the last one: home
-    return dq, dkv[0], dkv[1]
+            yield rows
 
 
 class _DilatedAttention(torch.autograd.Function):
@@ -145,45 +127,40 @@ class _DilatedAttention(torch.autograd.Function):
     def forward(fctx, q, k, v, ctx: _Context):
         batch, shard, heads, head_dim = q.shape
         acc = lse_dtype(q.dtype)
-        out = q.new_zeros(batch, shard, heads, head_dim, dtype=acc)  # [B, L, H, D]
-        lse = q.new_full((batch, shard, heads), -math.inf, dtype=acc)  # [B, L, H]
-        for layout in ctx.layouts:
-            for sel in layout.selections:
-                q_dil = gather_rows(q, layout.piece, sel.q_positions, sel.q_heads)  # [B * pieces, n, h, D]
-                k_dil, v_dil = (gather_rows(t, layout.piece, sel.kv_positions, sel.kv_heads) for t in (k, v))
-                if layout.spans_ranks:
-                    o, s = _spanning_forward(ctx, q_dil, k_dil, v_dil, layout, sel)
-                else:
-                    o, s = ctx.attend(q_dil, k_dil, v_dil, sel, diagonal=True)
-                rows = (layout.piece, sel.q_positions, sel.q_heads)
-                merged = merge_partials(gather_rows(out, *rows), gather_rows(lse, *rows), o, s)
-                scatter_rows(out, *rows, merged[0])
-                scatter_rows(lse, *rows, merged[1])
-        fctx.save_for_backward(q, k, v, out, lse)
+        if _covers(ctx.layouts[0], heads):  # the first pair writes every row once: nothing to initialise
+            out = q.new_empty(batch, shard, heads, head_dim, dtype=acc)  # [B, L, H, D]
+            lse = q.new_empty(batch, shard, heads, dtype=acc)  # [B, L, H]
+        else:
+            out = q.new_zeros(batch, shard, heads, head_dim, dtype=acc)
+            lse = q.new_full((batch, shard, heads), -math.inf, dtype=acc)
+        for i, layout in enumerate(ctx.layouts):
+            compute = ctx.spanning_forward if layout.spans_ranks else ctx.local_forward
+            compute(q, k, v, out, lse, layout, first=i == 0)
+        result = out.to(q.dtype)
+        fctx.save_for_backward(q, k, v, result, lse)  # the output in the input dtype: what the kernels take
         fctx.ctx = ctx
-        return out.to(q.dtype)
+        return result
 
     @staticmethod
     def backward(fctx, dout):
         q, k, v, out, lse = fctx.saved_tensors
         ctx: _Context = fctx.ctx
         acc = lse_dtype(q.dtype)
-        dq, dk, dv = (torch.zeros_like(t, dtype=acc) for t in (q, k, v))
+        written = _covers(ctx.layouts[0], q.shape[2]) and not ctx.layouts[0].spans_ranks
+        new = torch.empty if written else torch.zeros
+        dq, dk, dv = (new(t.shape, dtype=acc, device=t.device) for t in (q, k, v))  # contiguous
+        dout = viewable(dout)
         with _autocast_off(q.device.type):
-            for layout in ctx.layouts:
-                for sel in layout.selections:
-                    q_rows = (layout.piece, sel.q_positions, sel.q_heads)
-                    kv_rows = (layout.piece, sel.kv_positions, sel.kv_heads)
-                    dout_dil, q_dil, out_dil, lse_dil = (gather_rows(t, *q_rows) for t in (dout, q, out, lse))
-                    k_dil, v_dil = gather_rows(k, *kv_rows), gather_rows(v, *kv_rows)
-                    if layout.spans_ranks:
-                        grads = _spanning_backward(ctx, dout_dil, q_dil, k_dil, v_dil, out_dil, lse_dil, layout, sel)
-                    else:
-                        grads = ctx.attend_backward(dout_dil, q_dil, k_dil, v_dil, out_dil, lse_dil, sel, diagonal=True)
-                    accumulate_rows(dq, *q_rows, grads[0])
-                    accumulate_rows(dk, *kv_rows, grads[1])
-                    accumulate_rows(dv, *kv_rows, grads[2])
+            for i, layout in enumerate(ctx.layouts):
+                compute = ctx.spanning_backward if layout.spans_ranks else ctx.local_backward
+                compute(dout, q, k, v, out, lse, dq, dk, dv, layout, first=written and i == 0)
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None
+
+
+def _covers(layout: PairLayout, heads: int) -> bool:
+    """Whether ``layout`` keeps every row of every head exactly once, in one view: rate 1, all heads, no
+    grouped-query members (which would each hold the kv rows)."""
+    return layout.rate == 1 and len(layout.views) == 1 and layout.views[0].heads == heads
 
 
 def _autocast_off(device_type: str) -> contextlib.AbstractContextManager:
@@ -255,5 +232,6 @@ def ring_dilated_attention(
     layouts = _plan(shard * size, size, tuple(segment_lengths), tuple(dilation_rates), heads, head_mode, k.shape[2],
                     q.device)
     ctx = _Context(layouts, pg, causal, scale or 1.0 / math.sqrt(head_dim), select_backend(backend, q), comm)
+    q, k, v = viewable(q), viewable(k), viewable(v)  # rows are read through strided views
     with _autocast_off(device_type):
         return _DilatedAttention.apply(q, k, v, ctx)

@@ -208,8 +208,9 @@ def _cuda_efficient_backward(dout, q, k, v, out, lse, causal, scale):
     # (it takes only out's batch and head strides), and wants the LSE as the forward returns it: [B, H, Lq]
     # padded along the length to a multiple of 32, so that its head and batch strides are multiples of 8.
     out = out.contiguous()
-    padded = -(-q.shape[1] // 32) * 32
-    lse_h = torch.nn.functional.pad(lse.transpose(1, 2).float(), (0, padded - q.shape[1])).contiguous()
+    batch, length, heads = lse.shape
+    lse_h = q.new_zeros(batch, heads, -(-length // 32) * 32, dtype=torch.float32)  # [B, H, padded Lq]
+    lse_h[:, :, :length] = lse.transpose(1, 2)
     seed, offset = q.new_empty((), dtype=torch.int64), q.new_empty((), dtype=torch.int64)  # unread without dropout
     grads = _ops._scaled_dot_product_efficient_attention_backward(
         *_heads_first(dout, q, k, v), None, out.transpose(1, 2), lse_h, seed, offset, 0.0, [True, True, True, False],

@@ -4,8 +4,15 @@ This is bookkeeping shared by the lessons and the production code: the attention
 A *piece* is the part of one segment that one rank holds: the whole segment when it fits in a shard
 (a local pair), the whole shard when the segment spans several ranks. Inside a piece, head ``h`` keeps
 positions ``o, o + r, ...`` with ``o`` the offset of its kv head (``h`` itself without grouped-query
-attention). Heads whose offsets keep the same number of positions are gathered together, so one
-attention call serves them all.
+attention). A pair's kept rows are described two ways:
+
+- **selections** (`Selection`): heads that keep the same number of positions per piece, as index tensors;
+  `gather_rows` copies their rows into one dense ``[B * pieces, n, h, D]`` tensor. The lessons use these,
+  and so does the production core for rows that must travel between ranks.
+- **views** (`RowView`): the same rows as strided views of the ``[B, L, H, D]`` tensor itself, no copy
+  (`row_view`). Position ``o + i r`` of head ``h`` sits at ``(o + i r) * stride(L) + h * stride(H)``: for heads
+  that share an offset that is affine in (piece, i, head), and so it is for heads whose offsets advance one by
+  one with the head index (head ``h`` keeps ``o + h + i r``: position and head advance together).
 """
 
 from __future__ import annotations
@@ -36,16 +43,36 @@ class Selection:
 
 
 @dataclass(frozen=True)
+class RowView:
+    """Kept rows of one pair that form one strided view of a ``[B, L, H, D]`` tensor.
+
+    Head ``k`` of the view (``k < heads``) is query head ``q_head + k q_step`` and kv head
+    ``kv_head + k kv_step``; it keeps the piece positions ``offset + k shift + i rate`` for ``i < count``
+    (``shift`` 0: the heads share one offset; 1: the offset advances with the head).
+    """
+
+    offset: int
+    count: int
+    heads: int
+    shift: int
+    q_head: int
+    q_step: int
+    kv_head: int
+    kv_step: int
+
+
+@dataclass(frozen=True)
 class PairLayout:
     """One (segment length, dilation rate) pair placed on ``world_size`` shards of length ``shard``."""
 
     index: int
     segment: int  # effective segment length, min(w, N)
     rate: int
-    heads: range  # query heads that take this pair
+    heads: range  # query heads that take this pair (global indices)
     piece: int  # tokens of one segment held by one rank
     group_size: int  # ranks one segment spans; 1 means the pair needs no communication
     selections: tuple[Selection, ...]
+    views: tuple[RowView, ...]
 
     @property
     def spans_ranks(self) -> bool:
@@ -68,10 +95,14 @@ def pair_heads(num_heads: int, num_pairs: int, head_mode: str) -> list[range]:
 
 
 def head_selections(
-    heads: range, rate: int, piece: int, num_heads: int, num_kv_heads: int, device: torch.device
+    heads: Sequence[int], rate: int, piece: int, heads_per_kv: int, first_head: int, device: torch.device
 ) -> tuple[Selection, ...]:
-    """Group ``heads`` by how many positions their offset keeps in a piece of length ``piece``."""
-    heads_per_kv = num_heads // num_kv_heads
+    """Group ``heads`` (global indices) by how many positions their offset keeps in a piece of length ``piece``.
+
+    Head indices in the selections are local: global minus ``first_head`` (the first query head this rank
+    holds; its kv heads start at ``first_head // heads_per_kv``).
+    """
+    first_kv = first_head // heads_per_kv
     by_count: dict[int, list[int]] = {}
     for h in heads:
         offset = (h // heads_per_kv) % rate
@@ -84,14 +115,47 @@ def head_selections(
         kv_offsets = torch.tensor([j % rate for j in kv_heads])
         selections.append(
             Selection(
-                q_heads=torch.tensor(q_heads, device=device),
-                kv_heads=torch.tensor(kv_heads, device=device),
+                q_heads=torch.tensor([h - first_head for h in q_heads], device=device),
+                kv_heads=torch.tensor([j - first_kv for j in kv_heads], device=device),
                 kv_index=torch.tensor([kv_heads.index(h // heads_per_kv) for h in q_heads], device=device),
                 q_positions=(steps + q_offsets).to(device),
                 kv_positions=(steps + kv_offsets).to(device),
             )
         )
     return tuple(selections)
+
+
+def row_views(heads: Sequence[int], rate: int, piece: int, heads_per_kv: int, first_head: int) -> tuple[RowView, ...]:
+    """The kept rows of ``heads`` (global query heads taking a pair) as few strided views as possible.
+
+    Query heads ``j g + m`` (``g = heads_per_kv``) of one *member* ``m`` use kv heads ``j``, so each member makes
+    its own views (without grouped-query attention there is one member). Two decompositions, the one with
+    fewer views wins: one view per offset (kv heads ``o, o + r, ...`` share offset ``o``), or one view per run
+    of consecutive kv heads whose offsets advance one by one (cut where the offset wraps to 0, or where the
+    count of kept positions changes because ``piece`` is not a multiple of ``rate``).
+    """
+    first_kv = first_head // heads_per_kv
+
+    def count(offset: int) -> int:
+        return len(range(offset, piece, rate))
+
+    by_offset, by_run = [], []
+    for member in range(heads_per_kv):
+        kv_heads = sorted({h // heads_per_kv for h in heads if h % heads_per_kv == member})
+        for offset in sorted({j % rate for j in kv_heads}):
+            sharing = [j for j in kv_heads if j % rate == offset]  # consecutive kv heads r apart
+            by_offset.append(RowView(offset, count(offset), len(sharing), 0, sharing[0] * heads_per_kv + member
+                                     - first_head, rate * heads_per_kv, sharing[0] - first_kv, rate))
+        runs: list[list[int]] = []
+        for j in kv_heads:
+            joins = runs and j == runs[-1][-1] + 1 and j % rate != 0 and count(j % rate) == count(runs[-1][0] % rate)
+            if joins:
+                runs[-1].append(j)
+            else:
+                runs.append([j])
+        by_run += [RowView(run[0] % rate, count(run[0] % rate), len(run), 1, run[0] * heads_per_kv + member
+                           - first_head, heads_per_kv, run[0] - first_kv, 1) for run in runs]
+    return tuple(by_offset if len(by_offset) <= len(by_run) else by_run)
 
 
 def plan_pairs(
@@ -103,22 +167,32 @@ def plan_pairs(
     head_mode: str = "all",
     num_kv_heads: int | None = None,
     device: torch.device | str = "cpu",
+    local_heads: range | None = None,
 ) -> list[PairLayout]:
-    """Validate a configuration for a sequence of ``seq_len`` tokens on ``world_size`` ranks and lay it out."""
+    """Validate a configuration for a sequence of ``seq_len`` tokens on ``world_size`` ranks and lay it out.
+
+    ``local_heads`` are the query heads this rank holds (all of them by default; a contiguous range of whole
+    kv-head groups when the heads are split over ranks); selections and views index them from 0, while the
+    offsets and head modes follow the global head indices.
+    """
     check_pairs(segment_lengths, dilation_rates)
     check_sequence_length(seq_len, segment_lengths)
     check_head_mode(head_mode, num_heads, len(segment_lengths))
     shard = check_sharding(seq_len, world_size, segment_lengths, dilation_rates)
     warn_uncovered(dilation_rates)
     num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
+    heads_per_kv = num_heads // num_kv_heads
+    local_heads = range(num_heads) if local_heads is None else local_heads
     layouts = []
     for i, (w, r, heads) in enumerate(
         zip(segment_lengths, dilation_rates, pair_heads(num_heads, len(segment_lengths), head_mode))
     ):
         segment = min(w, seq_len)
         piece = min(segment, shard)
-        selections = head_selections(heads, r, piece, num_heads, num_kv_heads, torch.device(device))
-        layouts.append(PairLayout(i, segment, r, heads, piece, segment // piece, selections))
+        mine = [h for h in heads if h in local_heads]
+        selections = head_selections(mine, r, piece, heads_per_kv, local_heads.start, torch.device(device))
+        views = row_views(mine, r, piece, heads_per_kv, local_heads.start)
+        layouts.append(PairLayout(i, segment, r, heads, piece, segment // piece, selections, views))
     return layouts
 
 
@@ -132,7 +206,7 @@ def gather_rows(x: torch.Tensor, piece: int, positions: torch.Tensor, heads: tor
 def scatter_rows(
     buffer: torch.Tensor, piece: int, positions: torch.Tensor, heads: torch.Tensor, rows: torch.Tensor
 ) -> None:
-    """Write ``rows`` (as returned by `gather_rows`) back into ``buffer`` [B, L, H, ...] in place."""
+    """Write ``rows`` (as returned by `gather_rows`) back into a contiguous ``buffer`` [B, L, H, ...] in place."""
     batch, length = buffer.shape[:2]
     buffer.view(batch * (length // piece), piece, *buffer.shape[2:])[:, positions, heads] = rows
 
@@ -140,6 +214,31 @@ def scatter_rows(
 def accumulate_rows(
     buffer: torch.Tensor, piece: int, positions: torch.Tensor, heads: torch.Tensor, rows: torch.Tensor
 ) -> None:
-    """Add ``rows`` into ``buffer`` at a selection's rows, in place (gradients of keys shared by pairs add up)."""
+    """Add ``rows`` into a contiguous ``buffer`` [B, L, H, ...] at a selection's rows, in place (gradients of keys
+    shared by pairs add up)."""
     batch, length = buffer.shape[:2]
     buffer.view(batch * (length // piece), piece, *buffer.shape[2:])[:, positions, heads] += rows
+
+
+def viewable(x: torch.Tensor) -> torch.Tensor:
+    """``x`` [B, L, ...] if its rows can be viewed piece by piece (`row_view`), else a contiguous copy.
+
+    That needs the batch and length dimensions to merge into one (``stride(0) == L stride(1)``, or one batch
+    row), no zero strides (expanded tensors) and a contiguous last dimension, as the kernels want.
+    """
+    batch, length = x.shape[:2]
+    mergeable = batch == 1 or x.stride(0) == length * x.stride(1)
+    return x if mergeable and 0 not in x.stride()[1:] and x.stride(-1) == 1 else x.contiguous()
+
+
+def row_view(x: torch.Tensor, piece: int, rate: int, view: RowView, kv: bool = False) -> torch.Tensor:
+    """The rows of ``view`` in ``x`` [B, L, H, ...] (query heads, or kv heads with ``kv``), as a
+    ``[B * L / piece, count, heads, ...]`` view sharing ``x``'s memory. ``x`` must be `viewable`."""
+    batch, length = x.shape[:2]
+    stride_l, stride_h = x.stride(1), x.stride(2)
+    head, step = (view.kv_head, view.kv_step) if kv else (view.q_head, view.q_step)
+    return x.as_strided(
+        (batch * (length // piece), view.count, view.heads, *x.shape[3:]),
+        (piece * stride_l, rate * stride_l, view.shift * stride_l + step * stride_h, *x.stride()[3:]),
+        x.storage_offset() + view.offset * stride_l + head * stride_h,
+    )

@@ -158,6 +158,18 @@ def gqa_and_bf16(rank, world_size, cases):
     return results
 
 
+def input_layouts(rank, world_size, q, k, v, grad_out, layouts):
+    """This rank's output and gradients (with respect to the views) for shards handed over in each layout."""
+    from test_production import in_layout
+
+    results = {}
+    for layout in layouts:
+        views = [in_layout(shard_sequence(t, dist.group.WORLD, dim=1), layout)[1] for t in (q, k, v)]
+        out = ring_attention.ring_dilated_attention(*views, [32, 256], [1, 4], causal=True, group=dist.group.WORLD)
+        results[layout] = [out.detach(), *torch.autograd.grad(out, views, shard_sequence(grad_out, dist.group.WORLD))]
+    return results
+
+
 def mesh_sequence_group(rank, world_size):
     """The functional core called with a 1-D DeviceMesh (the sp dimension of a 2-D mesh)."""
     mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "sp"))

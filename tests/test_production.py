@@ -33,6 +33,53 @@ def test_gqa_one_process_matches_oracle(causal, head_mode):
         assert rel_err(a, b) < 1e-10
 
 
+def in_layout(x: torch.Tensor, layout: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(leaf, view)``: a tensor that requires grad, and a view of it with ``x``'s values in ``layout``."""
+    if layout == "contiguous":
+        leaf = x.clone().requires_grad_(True)
+        return leaf, leaf
+    if layout == "transposed":  # [B, H, L, D] memory, as Hugging Face hands it over
+        leaf = x.transpose(1, 2).contiguous().requires_grad_(True)
+        return leaf, leaf.transpose(1, 2)
+    if layout == "packed":  # one of q, k, v packed along a dimension of one projection's output
+        leaf = torch.stack([torch.zeros_like(x), x], dim=2).requires_grad_(True)
+        return leaf, leaf[:, :, 1]
+    if layout == "head-dim slice":
+        leaf = torch.cat([x, torch.zeros_like(x)], dim=-1).requires_grad_(True)
+        return leaf, leaf[..., : x.shape[-1]]
+    leaf = x[:1].clone().requires_grad_(True)  # "expanded": one batch row for all, stride 0
+    return leaf, leaf.expand(*x.shape)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "transposed", "packed", "head-dim slice", "expanded"])
+@pytest.mark.parametrize("causal", [False, True])
+def test_any_input_layout_gives_the_same_rows_and_gradients(layout, causal):
+    # batch 2 and a pair with 4 pieces per shard: views must split the length of whatever strides come in
+    q, k, v = random_qkv(2, 128, 4, 16, kv_heads=2)
+    if layout == "expanded":
+        q, k, v = (t[:1].expand(*t.shape) for t in (q, k, v))
+    grad_out = torch.randn(2, 128, 4, 16, dtype=torch.float64)
+    results = []
+    for attention in (ring_dilated_attention, reference.dilated_attention):
+        leaves, views = zip(*(in_layout(t, layout) for t in (q, k, v)))
+        out = attention(*views, [32, 128], [1, 4], causal=causal)
+        results.append([out.detach(), *torch.autograd.grad(out, leaves, grad_out)])
+    for ours, truth in zip(*results):
+        assert rel_err(ours, truth) < 1e-10
+
+
+def test_any_input_layout_on_two_ranks():
+    q, k, v = random_qkv(2, 256, 4, 16, kv_heads=2, seed=3)
+    grad_out = torch.randn(2, 256, 4, 16, dtype=torch.float64)
+    layouts = ["contiguous", "transposed", "packed", "head-dim slice"]
+    per_rank = run_on_ranks(pw.input_layouts, 2, q, k, v, grad_out, layouts)
+    truth = with_grads(lambda q, k, v: reference.dilated_attention(q, k, v, [32, 256], [1, 4], causal=True),
+                       q, k, v, grad_out)
+    for layout in layouts:
+        for j, want in enumerate(truth):  # (256, 4) spans both ranks: its rows travel
+            assert rel_err(torch.cat([r[layout][j] for r in per_rank], dim=1), want) < 1e-10, (layout, j)
+
+
 @pytest.fixture(scope="module")
 def four_rank_cases():
     """GQA in float64 and plain attention in bf16, on 4 ranks, both communication modes."""

@@ -44,7 +44,7 @@ def test_sequence_message_matches_design_example():
         (lambda q, k, v: (q, k.float(), v), ValueError, "k.dtype=torch.float32 differs from q.dtype"),
         (lambda q, k, v: (q, k, v[:, :8]), ValueError, "k and v must have the same shape"),
         (lambda q, k, v: (q, k[:, :8], v[:, :8]), ValueError, "must agree on batch, seq and head_dim"),
-        (lambda q, k, v: (q, k[:, :, :2], v[:, :, :2]), ValueError, "q has 4 heads and k has 2"),
+        (lambda q, k, v: (q, k[:, :, :3], v[:, :, :3]), ValueError, "k has 3 heads, which does not divide q's 4 heads"),
         (lambda q, k, v: (q.long(), k, v), TypeError, "q must be a floating point tensor"),
         (lambda q, k, v: (q.tolist(), k, v), TypeError, "q must be a torch.Tensor"),
         (lambda q, k, v: (q, k.to("meta"), v), ValueError, "k.device=meta differs from q.device=cpu"),
@@ -96,3 +96,11 @@ def test_shard_not_multiple_of_local_segment():
     with pytest.raises(ValueError, match=r"pair 0 \(w=12, r=1\): shard length 18 must be a multiple of the "
                                          r"segment length 12 \(L % w == 0\)"):
         simulated_ring_dilated_attention(q, k, v, [12], [1], world_size=2)
+
+
+def test_the_lessons_want_as_many_kv_heads_as_query_heads():
+    from lessons.stage1_simulated_ring import simulated_ring_dilated_attention
+
+    q, k, v = qkv()
+    with pytest.raises(ValueError, match="q has 4 heads and k has 2: they must be equal here"):
+        simulated_ring_dilated_attention(q, k[:, :, :2], v[:, :, :2], [8], [1], world_size=1)

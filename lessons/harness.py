@@ -7,6 +7,7 @@ spawned processes cannot import functions defined in a notebook.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import os
 import time
@@ -24,6 +25,8 @@ DISTRIBUTED_STAGES = {
     "stage 4: flash": "lessons.stage4_flash",
     "stage 5: production, ring": "lessons.harness:production_ring",
     "stage 5: production, allgather": "lessons.harness:production_allgather",
+    "stage 6: balanced, ring": "lessons.harness:balanced_ring",
+    "stage 6: balanced, allgather": "lessons.harness:balanced_allgather",
 }
 
 
@@ -41,29 +44,31 @@ class Problem:
     head_mode: str = "all"
     dtype: torch.dtype = torch.float64
     seed: int = 0
+    kv_heads: int | None = None  # grouped-query attention when fewer than heads (production stages only)
 
     def inputs(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``q, k, v`` and the output gradient ``grad_out``, all ``[B, N, H, D]``."""
+        """``q``, ``k``, ``v`` and the output gradient ``grad_out``, ``[B, N, H, D]`` (``k``, ``v``: ``kv_heads``)."""
         gen = torch.Generator().manual_seed(self.seed)
-        shape = (self.batch, self.seq_len, self.heads, self.head_dim)
-        return tuple(torch.randn(shape, generator=gen, dtype=torch.float64).to(self.dtype) for _ in range(4))
+        kv_heads = self.kv_heads or self.heads
+        shapes = [(self.batch, self.seq_len, h, self.head_dim) for h in (self.heads, kv_heads, kv_heads, self.heads)]
+        return tuple(torch.randn(shape, generator=gen, dtype=torch.float64).to(self.dtype) for shape in shapes)
 
     def options(self) -> dict:
         return dict(causal=self.causal, head_mode=self.head_mode)
 
 
-def production_ring(q, k, v, segment_lengths, dilation_rates, **options) -> torch.Tensor:
-    """The production core with the sequence split over the whole world (the lessons' setting), by ring."""
+def production(q, k, v, segment_lengths, dilation_rates, *, comm: str, load_balance: bool, **options) -> torch.Tensor:
+    """The production core with the sequence split over the whole world (the lessons' setting)."""
     return ring_attention.ring_dilated_attention(
-        q, k, v, segment_lengths, dilation_rates, group=dist.group.WORLD, comm="ring", **options
+        q, k, v, segment_lengths, dilation_rates, group=dist.group.WORLD, comm=comm, load_balance=load_balance,
+        **options,
     )
 
 
-def production_allgather(q, k, v, segment_lengths, dilation_rates, **options) -> torch.Tensor:
-    """The production core with the sequence split over the whole world, by all-gather."""
-    return ring_attention.ring_dilated_attention(
-        q, k, v, segment_lengths, dilation_rates, group=dist.group.WORLD, comm="allgather", **options
-    )
+production_ring = functools.partial(production, comm="ring", load_balance=False)
+production_allgather = functools.partial(production, comm="allgather", load_balance=False)
+balanced_ring = functools.partial(production, comm="ring", load_balance=True)
+balanced_allgather = functools.partial(production, comm="allgather", load_balance=True)
 
 
 def shard(x: torch.Tensor, rank: int, world_size: int) -> torch.Tensor:

@@ -33,29 +33,19 @@ from ring_attention.pattern import (
     scatter_rows,
     viewable,
 )
-from ring_attention.spanning import Attend, merge_partials, spanning_backward, spanning_forward
+from ring_attention.spanning import Attend, SpanningPair, merge_into, merge_partials
 from ring_attention.validation import check_pairs, check_qkv
 
 COMM_MODES = ("ring", "allgather")
 _CHUNKS = 4  # a local pair's kernel calls per view, at most: bounds each call's outputs to ~1/4 of the shard
 
 
-def merge_into(out: torch.Tensor, lse: torch.Tensor, o: torch.Tensor, s: torch.Tensor) -> None:
-    """Merge a partial ``(o, s)`` into the running ``(out, lse)`` in place (views of the accumulators).
-
-    The online softmax merge of `merge_partials`, without its guards: a kernel's ``s`` is finite (every
-    kept query sees at least itself), so ``logaddexp`` and the weights never meet ``-inf - -inf``.
-    """
-    merged = torch.logaddexp(lse, s)
-    out.mul_(torch.exp(lse - merged).unsqueeze(-1)).add_(torch.exp(s - merged).unsqueeze(-1) * o)
-    lse.copy_(merged)
-
-
 class _Context:
     """Everything one call needs besides tensors: layout, group, and how blocks are computed."""
 
-    def __init__(self, layouts: list[PairLayout], group, causal: bool, scale: float, backend: str, comm_mode: str):
-        self.layouts, self.group, self.comm_mode = layouts, group, comm_mode
+    def __init__(self, layouts: list[PairLayout], group, causal: bool, scale: float, backend: str, comm_mode: str,
+                 load_balance: bool):
+        self.layouts, self.group, self.comm_mode, self.load_balance = layouts, group, comm_mode, load_balance
         self.attend = Attend(causal, scale, backend)
         self.rank, _ = C.group_rank_and_size(group)
 
@@ -76,8 +66,8 @@ class _Context:
         (sel,) = layout.selections  # L % r == 0: every head keeps L / r rows, one selection
         q_rows = (layout.piece, sel.q_positions, sel.q_heads)
         kv_rows = (layout.piece, sel.kv_positions, sel.kv_heads)
-        o, s = spanning_forward(self.attend, self.comm_mode, self.group, self.rank, gather_rows(q, *q_rows),
-                                gather_rows(k, *kv_rows), gather_rows(v, *kv_rows), layout, sel)
+        pair = SpanningPair(self.attend, self.comm_mode, self.group, self.rank, layout, sel, self.load_balance)
+        o, s = pair.forward(gather_rows(q, *q_rows), gather_rows(k, *kv_rows), gather_rows(v, *kv_rows))
         if not first:
             o, s = merge_partials(gather_rows(out, *q_rows), gather_rows(lse, *q_rows), o, s)
         scatter_rows(out, *q_rows, o)
@@ -99,10 +89,9 @@ class _Context:
         (sel,) = layout.selections
         q_rows = (layout.piece, sel.q_positions, sel.q_heads)
         kv_rows = (layout.piece, sel.kv_positions, sel.kv_heads)
-        grads = spanning_backward(
-            self.attend, self.comm_mode, self.group, self.rank, *(gather_rows(t, *q_rows) for t in (dout, q)),
-            *(gather_rows(t, *kv_rows) for t in (k, v)), *(gather_rows(t, *q_rows) for t in (out, lse)), layout, sel,
-        )
+        pair = SpanningPair(self.attend, self.comm_mode, self.group, self.rank, layout, sel, self.load_balance)
+        dout_, q_, out_, lse_ = (gather_rows(t, *q_rows) for t in (dout, q, out, lse))  # [B, n, h, ...]
+        grads = pair.backward(dout_, q_, gather_rows(k, *kv_rows), gather_rows(v, *kv_rows), out_, lse_)
         accumulate_rows(dq, *q_rows, grads[0])
         accumulate_rows(dk, *kv_rows, grads[1])
         accumulate_rows(dv, *kv_rows, grads[2])
@@ -190,6 +179,7 @@ def ring_dilated_attention(
     comm: str = "ring",
     backend: str = "auto",
     scale: float | None = None,
+    load_balance: bool = True,
 ) -> torch.Tensor:
     """Dilated attention (LongNet) of this rank's ``[B, L, H, D]`` shard; returns this rank's output rows.
 
@@ -209,6 +199,11 @@ def ring_dilated_attention(
         comm: ``"ring"`` (point-to-point, overlapped) or ``"allgather"`` (one collective per spanning pair).
         backend: kernel backend (`ring_attention.kernels`), ``"auto"`` picks the best available.
         scale: softmax scale, default ``1 / sqrt(head_dim)``.
+        load_balance: with ``causal``, balance the work of pairs whose segments span ranks: their selected rows
+            are re-laid in zigzag order across the segment group inside the call (`ring_attention.balance`) and
+            laid back, so the result and the user's layout are the same as without it. A pair whose ranks hold
+            an odd number of selected rows per head keeps the unbalanced schedule. No effect without
+            ``causal`` or without spanning pairs.
 
     fp16/bf16 inputs run the kernels in their dtype and merge in float32; the output has the input dtype.
     Under ``torch.autocast`` float32 inputs are cast to the autocast dtype first.
@@ -231,7 +226,10 @@ def ring_dilated_attention(
     check_pairs(segment_lengths, dilation_rates)  # before they become the cache key
     layouts = _plan(shard * size, size, tuple(segment_lengths), tuple(dilation_rates), heads, head_mode, k.shape[2],
                     q.device)
-    ctx = _Context(layouts, pg, causal, scale or 1.0 / math.sqrt(head_dim), select_backend(backend, q), comm)
+    if not isinstance(load_balance, bool):
+        raise TypeError(f"load_balance must be True or False, got {load_balance!r}")
+    ctx = _Context(layouts, pg, causal, scale or 1.0 / math.sqrt(head_dim), select_backend(backend, q), comm,
+                   load_balance)
     q, k, v = viewable(q), viewable(k), viewable(v)  # rows are read through strided views
     with _autocast_off(device_type):
         return _DilatedAttention.apply(q, k, v, ctx)

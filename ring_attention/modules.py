@@ -34,6 +34,7 @@ class RingDilatedAttention(nn.Module):
         process_group: the sequence-parallel group (``ProcessGroup`` or 1-D ``DeviceMesh``), ``None`` for none.
         comm: ``"ring"`` or ``"allgather"``.
         backend: kernel backend, ``"auto"`` by default.
+        load_balance: balance the causal work of pairs whose segments span ranks (see `ring_dilated_attention`).
     """
 
     def __init__(
@@ -46,11 +47,12 @@ class RingDilatedAttention(nn.Module):
         process_group: GroupLike = None,
         comm: str = "ring",
         backend: str = "auto",
+        load_balance: bool = True,
     ) -> None:
         super().__init__()
         self.segment_lengths, self.dilation_rates = list(segment_lengths), list(dilation_rates)
         self.causal, self.head_mode, self.process_group = causal, head_mode, process_group
-        self.comm, self.backend = comm, backend
+        self.comm, self.backend, self.load_balance = comm, backend, load_balance
 
     def __deepcopy__(self, memo: dict) -> RingDilatedAttention:
         # a process group is a handle to communicators, not data: copies of a layer (``nn.TransformerEncoder``
@@ -66,11 +68,13 @@ class RingDilatedAttention(nn.Module):
         return ring_dilated_attention(
             q, k, v, self.segment_lengths, self.dilation_rates, causal=self.causal if causal is None else causal,
             head_mode=self.head_mode, group=self.process_group, comm=self.comm, backend=self.backend,
+            load_balance=self.load_balance,
         )
 
     def extra_repr(self) -> str:
         return (f"segment_lengths={self.segment_lengths}, dilation_rates={self.dilation_rates}, causal={self.causal}, "
-                f"head_mode={self.head_mode!r}, comm={self.comm!r}, backend={self.backend!r}")
+                f"head_mode={self.head_mode!r}, comm={self.comm!r}, backend={self.backend!r}, "
+                f"load_balance={self.load_balance}")
 
 
 class RingMultiheadDilatedAttention(nn.Module):
@@ -105,6 +109,7 @@ class RingMultiheadDilatedAttention(nn.Module):
         process_group: the sequence-parallel group (``ProcessGroup`` or 1-D ``DeviceMesh``), ``None`` for none.
         comm: ``"ring"`` or ``"allgather"``.
         backend: kernel backend, ``"auto"`` by default.
+        load_balance: balance the causal work of pairs whose segments span ranks (see `ring_dilated_attention`).
     """
 
     # PyTorch's Transformer layers read this attribute of their ``self_attn``: when it is True they may skip
@@ -136,6 +141,7 @@ class RingMultiheadDilatedAttention(nn.Module):
         process_group: GroupLike = None,
         comm: str = "ring",
         backend: str = "auto",
+        load_balance: bool = True,
     ) -> None:
         super().__init__()
         if dropout != 0.0:
@@ -178,7 +184,7 @@ class RingMultiheadDilatedAttention(nn.Module):
         self.inner_norm = nn.LayerNorm(embed_dim, **factory) if sub_layer_norm else None
         self.attention = RingDilatedAttention(
             segment_lengths, dilation_rates, causal=causal, head_mode=head_mode, process_group=process_group,
-            comm=comm, backend=backend,
+            comm=comm, backend=backend, load_balance=load_balance,
         )
         self._reset_parameters()
 

@@ -1,15 +1,18 @@
 """Every distributed stage on real gloo processes, against the stage before it and the float64 truth.
 
 The ranks are started once per world size and run the whole grid for every stage (a process start
-costs seconds here). Stage 2 is compared with stage 1 (simulated ring), stage k with stage k - 1.
+costs seconds here). Stage 2 is compared with stage 1 (simulated ring), stage k with stage k - 1; the
+balanced production core (stage 6) with the unbalanced one (stage 5) of the same communication mode.
+Grouped-query problems run through the production stages only (the lessons keep one kv head per head).
 """
 
 import pytest
 import torch
 from helpers import rel_err
+from workers import run_batteries
 
 import reference
-from lessons.harness import DISTRIBUTED_STAGES, Problem, gather_ranks, run_battery
+from lessons.harness import DISTRIBUTED_STAGES, Problem, gather_ranks
 from lessons.launch import run_on_ranks
 from lessons.stage1_simulated_ring import simulated_ring_dilated_attention
 
@@ -28,15 +31,26 @@ PROBLEMS = [
         for dtype in (torch.float64, torch.float32)
     )
 ]
+# 6 query heads on 3 kv heads; in groups mode a kv head's query heads are split between pairs
+GQA_PROBLEMS = [
+    Problem(segment_lengths=s, dilation_rates=r, causal=True, head_mode=mode, dtype=dtype, heads=6, kv_heads=3,
+            seed=100 + i)
+    for i, ((s, r), mode, dtype) in enumerate(
+        (c, mode, dtype) for c in (CONFIGS["mixed"], CONFIGS["spanning"]) for mode in ("all", "groups")
+        for dtype in (torch.float64, torch.float32)
+    )
+]
 TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5}
 STAGES = list(DISTRIBUTED_STAGES.values())
-# each stage's "stage before": stage 2 is checked against stage 1 (simulated ring, computed here);
-# both communication modes of the production core are checked against stage 4
+PRODUCTION = [i for i, name in enumerate(DISTRIBUTED_STAGES) if name.startswith(("stage 5", "stage 6"))]
+NAMES = list(DISTRIBUTED_STAGES)
+# each stage's "stage before": stage 2 is checked against stage 1 (simulated ring, computed here); both
+# communication modes of stage 5 against stage 4; each balanced stage 6 against stage 5 with the same mode
 BEFORE = {i: i - 1 for i in range(len(STAGES))} | {
-    i: list(DISTRIBUTED_STAGES).index("stage 4: flash") for i, name in enumerate(DISTRIBUTED_STAGES)
-    if name.startswith("stage 5")
-}
-NAMES = ("out", "dq", "dk", "dv")
+    i: NAMES.index("stage 4: flash") for i, name in enumerate(NAMES) if name.startswith("stage 5")
+} | {i: NAMES.index(name.replace("stage 6: balanced", "stage 5: production")) for i, name in enumerate(NAMES)
+     if name.startswith("stage 6")}
+ROWS = ("out", "dq", "dk", "dv")
 
 
 def stage1_rows(problem: Problem, world_size: int) -> dict:
@@ -46,7 +60,7 @@ def stage1_rows(problem: Problem, world_size: int) -> dict:
         q, k, v, list(problem.segment_lengths), list(problem.dilation_rates), world_size=world_size,
         **problem.options(),
     )
-    return dict(zip(NAMES, (out.detach(), *torch.autograd.grad(out, (q, k, v), grad_out))))
+    return dict(zip(ROWS, (out.detach(), *torch.autograd.grad(out, (q, k, v), grad_out))))
 
 
 def reference_rows(problem: Problem) -> dict:
@@ -55,38 +69,49 @@ def reference_rows(problem: Problem) -> dict:
     out = reference.dilated_attention(
         q, k, v, list(problem.segment_lengths), list(problem.dilation_rates), **problem.options()
     )
-    return dict(zip(NAMES, (out.detach(), *torch.autograd.grad(out, (q, k, v), grad_out))))
+    return dict(zip(ROWS, (out.detach(), *torch.autograd.grad(out, (q, k, v), grad_out))))
 
 
 @pytest.fixture(scope="module", params=[2, 4, 8], ids=lambda p: f"P={p}")
 def results(request):
-    """``(world_size, rows)``: ``rows[problem][stage][name]`` is the full tensor gathered from all ranks."""
+    """``(world_size, rows, gqa_rows)``: ``rows[problem][stage][name]`` is the full tensor gathered from all ranks
+    (``gqa_rows`` indexes the production stages in `PRODUCTION` order)."""
     world_size = request.param
-    per_rank = run_on_ranks(run_battery, world_size, PROBLEMS, STAGES)
-    rows = [
-        [{name: gather_ranks([r[i][s] for r in per_rank], name) for name in NAMES} for s in range(len(STAGES))]
-        for i in range(len(PROBLEMS))
-    ]
-    return world_size, rows
+    per_rank = run_on_ranks(run_batteries, world_size, [(PROBLEMS, STAGES),
+                                                        (GQA_PROBLEMS, [STAGES[i] for i in PRODUCTION])])
+
+    def gathered(battery: int, problems: list, stages: int) -> list:
+        return [[{n: gather_ranks([r[battery][i][s] for r in per_rank], n) for n in ROWS} for s in range(stages)]
+                for i in range(len(problems))]
+
+    return world_size, gathered(0, PROBLEMS, len(STAGES)), gathered(1, GQA_PROBLEMS, len(PRODUCTION))
 
 
 def assert_close(actual: dict, expected: dict, tol: float, what: str) -> None:
-    for name in NAMES:
+    for name in ROWS:
         err = rel_err(actual[name], expected[name])
         assert err < tol, f"{what} {name}: relative error {err:.2e} > {tol:.0e}"
 
 
-@pytest.mark.parametrize("stage", range(len(STAGES)), ids=STAGES)
+@pytest.mark.parametrize("stage", range(len(STAGES)), ids=NAMES)
 def test_stage_matches_the_stage_before(results, stage):
-    world_size, rows = results
+    world_size, rows, gqa_rows = results
     for i, problem in enumerate(PROBLEMS):
         before = stage1_rows(problem, world_size) if stage == 0 else rows[i][BEFORE[stage]]
         assert_close(rows[i][stage], before, TOLERANCE[problem.dtype], f"{problem}")
+    if NAMES[stage].startswith("stage 6"):
+        for i, problem in enumerate(GQA_PROBLEMS):
+            assert_close(gqa_rows[i][PRODUCTION.index(stage)], gqa_rows[i][PRODUCTION.index(BEFORE[stage])],
+                         TOLERANCE[problem.dtype], f"{problem}")
 
 
-@pytest.mark.parametrize("stage", range(len(STAGES)), ids=STAGES)
+@pytest.mark.parametrize("stage", range(len(STAGES)), ids=NAMES)
 def test_stage_matches_reference_in_float64(results, stage):
-    _, rows = results
+    _, rows, gqa_rows = results
     for i, problem in enumerate(PROBLEMS):
         if problem.dtype == torch.float64:
             assert_close(rows[i][stage], reference_rows(problem), 1e-10, f"{problem}")
+    if stage in PRODUCTION:
+        for i, problem in enumerate(GQA_PROBLEMS):
+            if problem.dtype == torch.float64:
+                assert_close(gqa_rows[i][PRODUCTION.index(stage)], reference_rows(problem), 1e-10, f"{problem}")

@@ -7,7 +7,7 @@ import torch
 import torch.distributed as dist
 
 import lessons.stage2_true_ring as stage2
-from lessons.harness import Problem, run_stage, shard
+from lessons.harness import Problem, run_battery, run_stage, shard
 
 
 def raise_on_rank_one(rank, world_size):
@@ -112,3 +112,21 @@ def largest_tensor_created(rank, world_size, module, problem: Problem):
 def stage4_overlap_on_and_off(rank, world_size, problem: Problem):
     stage = "lessons.stage4_flash"
     return [run_stage(rank, world_size, stage, problem, {"overlap": overlap}) for overlap in (True, False)]
+
+
+def run_batteries(rank, world_size, batteries):
+    """``run_battery`` for each (problems, modules) pair, in one process start."""
+    return [run_battery(rank, world_size, problems, modules) for problems, modules in batteries]
+
+
+def balance_checks(rank, world_size, q, k, v):
+    """The zigzag re-layout of 24 rows per rank, forth and back; and a causal pair whose rows do not halve."""
+    import ring_attention
+    from ring_attention.balance import relayout
+
+    rows = torch.arange(24 * rank, 24 * rank + 24).float().reshape(1, 24)  # this rank's rows, numbered
+    zigzag = relayout([rows], list(range(world_size)), rank, dist.group.WORLD, to_zigzag=True)[0]
+    back = relayout([zigzag], list(range(world_size)), rank, dist.group.WORLD, to_zigzag=False)[0]
+    shards = [t.chunk(world_size, dim=1)[rank] for t in (q, k, v)]
+    odd = ring_attention.ring_dilated_attention(*shards, [24, 96], [1, 8], causal=True, group=dist.group.WORLD)
+    return {"zigzag": zigzag.flatten(), "round trip": back.flatten(), "odd rows": odd}

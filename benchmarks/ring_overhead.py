@@ -3,10 +3,13 @@
     python benchmarks/ring_overhead.py [--quick]
 
 The production core on N = 16384 tokens (4 heads of 64, float32, causal, pairs with w / r = 2048), forward
-+ backward, once on one process (``group=None``) and on P = 2, 4, 8 processes for both ``comm`` modes. Each
-rank counts the bytes it receives from other ranks and the time it spends waiting on communication (by
-wrapping ``ring_attention.comm``). The forward's K/V bytes must equal docs/concepts.md: each spanning pair moves
-``(G - 1) L / r`` tokens per rank and kv head; the script stops if they do not. On this machine all P
++ backward, once on one process (``group=None``) and on P = 2, 4, 8 processes for both ``comm`` modes, with
+causal load balance off and on. Each rank counts the bytes it receives from other ranks and the time it spends
+waiting on communication (by wrapping ``ring_attention.comm``). The forward's bytes must equal the formulas of
+docs/concepts.md: each spanning pair moves ``(G - 1) L / r`` tokens of K and V per rank and kv head; balanced,
+it also moves the halves of its selected rows that change rank (``ring_attention.balance.halves_received``:
+q, k, v into the zigzag order for the ring, q alone for the all-gather) and the output and log-sum-exp back.
+The script stops if any rank's count differs. On this machine all P
 processes share the same cores, so the P-rank time includes that contention: the ratio is an upper bound
 of the overhead, not a speed-up measurement.
 """
@@ -27,6 +30,7 @@ from tqdm import tqdm  # noqa: E402
 import ring_attention.comm as comm  # noqa: E402
 from lessons.launch import run_on_ranks  # noqa: E402
 from ring_attention import ring_dilated_attention  # noqa: E402
+from ring_attention.balance import balanced, halves_received  # noqa: E402
 from ring_attention.pattern import plan_pairs  # noqa: E402
 
 HEADS, HEAD_DIM = 4, 64
@@ -43,11 +47,13 @@ class Counter:
     def __init__(self):
         self.bytes, self.wait = 0, 0.0
         self.original = {name: getattr(comm, name) for name in
-                         ("start_exchange", "finish_exchange", "all_gather_blocks", "reduce_scatter_blocks")}
+                         ("start_exchange", "finish_exchange", "all_gather_blocks", "reduce_scatter_blocks",
+                          "send_and_receive")}
         comm.start_exchange = self.start_exchange
         comm.finish_exchange = self.timed(self.original["finish_exchange"])
         comm.all_gather_blocks = self.all_gather_blocks
         comm.reduce_scatter_blocks = self.reduce_scatter_blocks
+        comm.send_and_receive = self.send_and_receive
 
     def timed(self, fn):
         def wrapper(*args):
@@ -61,6 +67,10 @@ class Counter:
         self.bytes += sum(t.numel() * t.element_size() for t in tensors)
         return self.original["start_exchange"](tensors, *args)
 
+    def send_and_receive(self, sends, receives, group):
+        self.bytes += sum(t.numel() * t.element_size() for t, _ in receives)
+        return self.timed(self.original["send_and_receive"])(sends, receives, group)
+
     def all_gather_blocks(self, x, group):
         self.bytes += (dist.get_world_size(group) - 1) * x.numel() * x.element_size()
         return self.timed(self.original["all_gather_blocks"])(x, group)
@@ -70,7 +80,7 @@ class Counter:
         return self.timed(self.original["reduce_scatter_blocks"])(blocks, group)
 
 
-def measure(rank: int, world_size: int, seq_len: int, mode: str) -> dict:
+def measure(rank: int, world_size: int, seq_len: int, mode: str, load_balance: bool = False) -> dict:
     shard = seq_len // world_size
     gen = torch.Generator().manual_seed(rank)
     q, k, v, dout = (torch.randn(1, shard, HEADS, HEAD_DIM, generator=gen, requires_grad=i < 3) for i in range(4))
@@ -78,7 +88,8 @@ def measure(rank: int, world_size: int, seq_len: int, mode: str) -> dict:
     segments, rates = pairs(seq_len)
 
     def step():
-        out = ring_dilated_attention(q, k, v, segments, rates, causal=True, group=group, comm=mode)
+        out = ring_dilated_attention(q, k, v, segments, rates, causal=True, group=group, comm=mode,
+                                     load_balance=load_balance)
         forward_bytes = counter.bytes
         torch.autograd.grad(out, (q, k, v), dout)
         return forward_bytes
@@ -92,12 +103,24 @@ def measure(rank: int, world_size: int, seq_len: int, mode: str) -> dict:
     return dict(seconds=seconds, wait=counter.wait, forward_bytes=forward_bytes, total_bytes=counter.bytes)
 
 
-def formula_forward_bytes(seq_len: int, world_size: int) -> int:
-    """docs/concepts.md, Communication: (G - 1) L / r tokens of K and V per spanning pair, rank and kv head."""
+def formula_forward_bytes(seq_len: int, world_size: int, rank: int, mode: str, load_balance: bool) -> int:
+    """The bytes ``rank`` receives in the forward, from docs/concepts.md, Communication: (G - 1) L / r tokens of
+    K and V per spanning pair and kv head; balanced, the halves of the re-laid rows (L / 2r tokens each) that
+    reach it from another rank: q, k, v (ring) or q (all-gather) into the zigzag order, the output and LSE back."""
     segments, rates = pairs(seq_len)
     shard = seq_len // world_size
-    return sum((layout.group_size - 1) * shard // layout.rate * HEADS * HEAD_DIM * 2 * 4
-               for layout in plan_pairs(seq_len, world_size, segments, rates, HEADS) if layout.spans_ranks)
+    total = 0
+    for layout in plan_pairs(seq_len, world_size, segments, rates, HEADS):
+        if not layout.spans_ranks:
+            continue
+        rows, me = shard // layout.rate, rank % layout.group_size
+        total += (layout.group_size - 1) * rows * HEADS * HEAD_DIM * 2 * 4  # K and V, float32
+        if balanced(layout, True, load_balance):
+            into = halves_received(me, layout.group_size, to_zigzag=True) * rows // 2
+            back = halves_received(me, layout.group_size, to_zigzag=False) * rows // 2
+            total += into * HEADS * HEAD_DIM * 4 * (3 if mode == "ring" else 1)  # q (, k, v)
+            total += back * HEADS * (HEAD_DIM + 1) * 4  # the output and its LSE, float32
+    return total
 
 
 def main() -> None:
@@ -105,27 +128,30 @@ def main() -> None:
     out = output_dir(args.quick)
     seq_len, world_sizes = (4096, [2, 4]) if args.quick else (16384, [2, 4, 8])
     single = run_on_ranks(measure, 1, seq_len, "ring")[0]
-    rows = [dict(mode="one process", world_size=1, seconds=single["seconds"], wait=0.0, forward_bytes=0,
-                 formula_forward_bytes=0, total_bytes=0, ratio=1.0)]
-    for mode in tqdm(["ring", "allgather"], desc="ring overhead"):
+    rows = [dict(mode="one process", load_balance=False, world_size=1, seconds=single["seconds"], wait=0.0,
+                 forward_bytes=0, formula_forward_bytes=0, total_bytes=0, ratio=1.0)]
+    cases = [(mode, balance) for mode in ("ring", "allgather") for balance in (False, True)]
+    for mode, balance in tqdm(cases, desc="ring overhead"):
         for world_size in world_sizes:
-            results = run_on_ranks(measure, world_size, seq_len, mode)
-            expected = formula_forward_bytes(seq_len, world_size)
-            if any(r["forward_bytes"] != expected for r in results):
-                raise AssertionError(f"{mode} P={world_size}: forward bytes {[r['forward_bytes'] for r in results]} "
-                                     f"differ from the formula {expected}")
+            results = run_on_ranks(measure, world_size, seq_len, mode, balance)
+            expected = [formula_forward_bytes(seq_len, world_size, rank, mode, balance) for rank in range(world_size)]
+            if [r["forward_bytes"] for r in results] != expected:
+                raise AssertionError(f"{mode} balance={balance} P={world_size}: forward bytes "
+                                     f"{[r['forward_bytes'] for r in results]} differ from the formula {expected}")
             seconds = max(r["seconds"] for r in results)
-            rows.append(dict(mode=mode, world_size=world_size, seconds=seconds, wait=max(r["wait"] for r in results),
-                             forward_bytes=results[0]["forward_bytes"], formula_forward_bytes=expected,
-                             total_bytes=results[0]["total_bytes"], ratio=seconds / single["seconds"]))
+            rows.append(dict(mode=mode, load_balance=balance, world_size=world_size, seconds=seconds,
+                             wait=max(r["wait"] for r in results), forward_bytes=max(expected),
+                             formula_forward_bytes=max(expected), total_bytes=max(r["total_bytes"] for r in results),
+                             ratio=seconds / single["seconds"]))
     write_json(out, "ring_overhead", dict(seq_len=seq_len, pairs=list(zip(*pairs(seq_len))), heads=HEADS,
                                           head_dim=HEAD_DIM, dtype="float32", causal=True, rows=rows))
     fig, ax = plt.subplots(figsize=(7, 4))
-    for mode, marker in (("ring", "o-"), ("allgather", "s-")):
-        sel = [r for r in rows if r["mode"] == mode]
-        ax.plot([r["world_size"] for r in sel], [r["seconds"] for r in sel], marker, label=f"{mode}: total")
-        ax.plot([r["world_size"] for r in sel], [r["wait"] for r in sel], marker.replace("-", ":"),
-                label=f"{mode}: waiting on communication")
+    for (mode, balance), marker in zip(cases, ("o-", "o--", "s-", "s--")):
+        sel = [r for r in rows if r["mode"] == mode and r["load_balance"] == balance]
+        name = f"{mode}{', balanced' if balance else ''}"
+        ax.plot([r["world_size"] for r in sel], [r["seconds"] for r in sel], marker, label=f"{name}: total")
+        ax.plot([r["world_size"] for r in sel], [r["wait"] for r in sel], marker[0] + ":",
+                label=f"{name}: waiting")
     ax.axhline(single["seconds"], color="k", linestyle="--", label="one process")
     ax.set_xlabel("processes P (sharing the same cores)"), ax.set_ylabel("forward + backward (s)")
     ax.set_xticks(world_sizes)
@@ -134,8 +160,9 @@ def main() -> None:
     fig.tight_layout()
     fig.savefig(out / "ring_overhead.png", dpi=120)
     for r in rows:
-        print(f"{r['mode']:>11} P={r['world_size']}: {r['seconds']:.3f} s (x{r['ratio']:.2f} of one process), "
-              f"waiting {r['wait']:.3f} s, forward K/V {r['forward_bytes'] / 2**20:.2f} MiB received "
+        print(f"{r['mode']:>11} balanced={r['load_balance']!s:<5} P={r['world_size']}: {r['seconds']:.3f} s "
+              f"(x{r['ratio']:.2f} of one process), "
+              f"waiting {r['wait']:.3f} s, forward {r['forward_bytes'] / 2**20:.2f} MiB received (most on a rank) "
               f"(formula {r['formula_forward_bytes'] / 2**20:.2f}), "
               f"forward+backward {r['total_bytes'] / 2**20:.2f} MiB")
 

@@ -7,6 +7,7 @@ spawned processes cannot import functions defined in a notebook.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
 import os
@@ -90,6 +91,45 @@ def peak_memory() -> int:
         return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM"))
 
 
+@contextlib.contextmanager
+def counting_received_bytes():
+    """Count the bytes this rank receives from other ranks while the block runs: ``with ... as counter``,
+    then ``counter["bytes"]``. Wraps the ``torch.distributed`` calls every stage uses: point-to-point batches,
+    all-gathers, reduce-scatters and all-to-alls."""
+    counter = {"bytes": 0}
+    original = {name: getattr(dist, name) for name in
+                ("batch_isend_irecv", "all_gather", "reduce_scatter", "all_to_all_single")}
+
+    def nbytes(t: torch.Tensor) -> int:
+        return t.numel() * t.element_size()
+
+    def batch_isend_irecv(ops):
+        counter["bytes"] += sum(nbytes(op.tensor) for op in ops if op.op is original_irecv)
+        return original["batch_isend_irecv"](ops)
+
+    def all_gather(tensors, tensor, group=None, **kwargs):
+        counter["bytes"] += (len(tensors) - 1) * nbytes(tensor)  # everyone's block but this rank's own
+        return original["all_gather"](tensors, tensor, group=group, **kwargs)
+
+    def reduce_scatter(output, inputs, group=None, **kwargs):
+        counter["bytes"] += (len(inputs) - 1) * nbytes(output)  # the other ranks' partial sums of my block
+        return original["reduce_scatter"](output, inputs, group=group, **kwargs)
+
+    def all_to_all_single(output, inputs, *args, group=None, **kwargs):
+        counter["bytes"] += nbytes(output) * (dist.get_world_size(group) - 1) // dist.get_world_size(group)
+        return original["all_to_all_single"](output, inputs, *args, group=group, **kwargs)
+
+    original_irecv = dist.irecv
+    for name, wrapper in (("batch_isend_irecv", batch_isend_irecv), ("all_gather", all_gather),
+                          ("reduce_scatter", reduce_scatter), ("all_to_all_single", all_to_all_single)):
+        setattr(dist, name, wrapper)
+    try:
+        yield counter
+    finally:
+        for name, fn in original.items():
+            setattr(dist, name, fn)
+
+
 def run_stage(
     rank: int, world_size: int, target: str, problem: Problem, options: dict | None = None, warmup: bool = False
 ) -> dict:
@@ -99,9 +139,10 @@ def run_stage(
     with the same leading arguments (the reference, stage 1); ``options`` are extra keyword arguments.
     With ``warmup`` the call is made once before the measured one (first calls set up connections).
     Returns this rank's ``out``, ``dq``, ``dk``, ``dv``, the wall time of forward+backward in seconds,
-    and ``peak_bytes``: how far the process's peak resident memory rose, during the measured call, above
-    its resident memory just before it (the peak, Linux ``VmHWM``, is reset before the call; a
-    whole-process measure, allocator slack and communication buffers included).
+    ``received_bytes`` (what it received from other ranks, `counting_received_bytes`), and ``peak_bytes``:
+    how far the process's peak resident memory rose, during the measured call, above its resident memory just
+    before it (the peak, Linux ``VmHWM``, is reset before the call; a whole-process measure, allocator slack
+    and communication buffers included).
     """
     module, _, name = target.partition(":")
     attention = getattr(importlib.import_module(module), name or "ring_dilated_attention")
@@ -111,14 +152,16 @@ def run_stage(
     kwargs = {**problem.options(), **(options or {})}
     for measured in ([False, True] if warmup else [True]):
         before = reset_peak_memory()
-        start = time.perf_counter()
-        out = attention(q, k, v, *pairs, **kwargs)
-        dq, dk, dv = torch.autograd.grad(out, (q, k, v), grad_out)
-        seconds = time.perf_counter() - start
+        with counting_received_bytes() as received:
+            start = time.perf_counter()
+            out = attention(q, k, v, *pairs, **kwargs)
+            dq, dk, dv = torch.autograd.grad(out, (q, k, v), grad_out)
+            seconds = time.perf_counter() - start
         if not measured:
             del out, dq, dk, dv
     peak = peak_memory() - before
-    return dict(out=out.detach(), dq=dq, dk=dk, dv=dv, seconds=seconds, peak_bytes=max(peak, 0))
+    return dict(out=out.detach(), dq=dq, dk=dk, dv=dv, seconds=seconds, peak_bytes=max(peak, 0),
+                received_bytes=received["bytes"])
 
 
 def saved_for_backward(rank: int, world_size: int, target: str, problem: Problem) -> dict[str, int]:

@@ -35,7 +35,8 @@ def relative_error(rows: dict, truth: dict) -> float:
 
 
 def run_tour(world_size: int = 4, quick: bool = False) -> list[dict]:
-    """Run every stage and return one row per stage: name, error vs reference, seconds, MiB per rank."""
+    """Run every stage and return one row per stage: name, error vs reference, seconds, peak MiB and MiB
+    received (forward + backward) per rank, the most of any rank."""
     problem = tour_problem(quick)
     stages = [
         ("stage 0: reference", "reference:dilated_attention", 1, None),
@@ -53,16 +54,18 @@ def run_tour(world_size: int = 4, quick: bool = False) -> list[dict]:
             error=relative_error(gathered, truth),
             seconds=max(r["seconds"] for r in results),
             peak_mib=max(r["peak_bytes"] for r in results) / 2**20,
+            received_mib=max(r["received_bytes"] for r in results) / 2**20,
             processes=ranks,
         ))
     return rows
 
 
 def format_table(rows: list[dict]) -> str:
-    lines = [f"{'stage':<31} {'processes':>9} {'max rel. error':>15} {'fwd+bwd (s)':>12} {'peak MiB/rank':>14}"]
+    lines = [f"{'stage':<31} {'processes':>9} {'max rel. error':>15} {'fwd+bwd (s)':>12} {'peak MiB/rank':>14} "
+             f"{'MiB received/rank':>18}"]
     for r in rows:
         lines.append(f"{r['stage']:<31} {r['processes']:>9} {r['error']:>15.1e} {r['seconds']:>12.3f} "
-                     f"{r['peak_mib']:>14.1f}")
+                     f"{r['peak_mib']:>14.1f} {r['received_mib']:>18.2f}")
     return "\n".join(lines)
 
 

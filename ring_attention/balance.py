@@ -23,8 +23,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 
+from ring_attention import comm as C
 from ring_attention.pattern import PairLayout, plan_pairs
 
 
@@ -88,31 +88,33 @@ def relayout(tensors: Sequence[torch.Tensor], members: Sequence[int], me: int, g
     rank holds chunks ``2 me`` and ``2 me + 1`` (its two halves); in zigzag order chunks ``me`` and
     ``2 size - 1 - me``. Halves that stay are copied; the others travel in one batch of messages.
     """
-    size = len(members)
-    zigzag = (me, 2 * size - 1 - me)
-    # for each half this rank ends with: (index in the group of the rank that has it, that rank's half index)
-    if to_zigzag:
-        wanted = [(chunk // 2, chunk % 2) for chunk in zigzag]
-        given = [(_zigzag_owner(2 * me + h, size), (2 * me + h) // size) for h in (0, 1)]
-    else:
-        wanted = [(_zigzag_owner(2 * me + h, size), (2 * me + h) // size) for h in (0, 1)]
-        given = [(chunk // 2, chunk % 2) for chunk in zigzag]
-    outputs, ops = [], []
+    wanted, given = _moves(me, len(members), to_zigzag)
+    outputs, sends, receives = [], [], []
     for t in tensors:
         halves = t.chunk(2, dim=1)
         received = [halves[src_half] if src == me else torch.empty_like(halves[0]) for src, src_half in wanted]
-        for h, (dst, _) in enumerate(given):  # sends in half order, receives in the sender's half order
-            if dst != me:
-                ops.append(dist.P2POp(dist.isend, halves[h].contiguous(),
-                                      dist.get_global_rank(group, members[dst]), group))
-        for (src, _), buffer in sorted(zip(wanted, received), key=lambda x: x[0]):
-            if src != me:
-                ops.append(dist.P2POp(dist.irecv, buffer, dist.get_global_rank(group, members[src]), group))
+        sends += [(halves[h], members[dst]) for h, dst in enumerate(given) if dst != me]  # in half order
+        receives += [(buffer, members[src]) for (src, _), buffer in sorted(zip(wanted, received), key=lambda x: x[0])
+                     if src != me]  # in the sender's half order
         outputs.append(received)
-    if ops:
-        for request in dist.batch_isend_irecv(ops):
-            request.wait()
+    C.send_and_receive(sends, receives, group)
     return [torch.cat(halves, dim=1) for halves in outputs]
+
+
+def _moves(me: int, size: int, to_zigzag: bool) -> tuple[list[tuple[int, int]], list[int]]:
+    """For each half this rank ends with, (the segment-group index holding it, that rank's half); and for each
+    half it holds, the index it goes to."""
+    zigzag = (me, 2 * size - 1 - me)
+    in_sequence = [(_zigzag_owner(2 * me + h, size), (2 * me + h) // size) for h in (0, 1)]  # where mine are
+    in_zigzag = [(chunk // 2, chunk % 2) for chunk in zigzag]  # where my zigzag chunks are in sequence order
+    if to_zigzag:
+        return in_zigzag, [dst for dst, _ in in_sequence]
+    return in_sequence, [dst for dst, _ in in_zigzag]
+
+
+def halves_received(me: int, size: int, to_zigzag: bool) -> int:
+    """How many halves of a row block rank ``me`` receives from another rank in one `relayout` (0, 1 or 2)."""
+    return sum(src != me for src, _ in _moves(me, size, to_zigzag)[0])
 
 
 def score_pairs(

@@ -84,6 +84,19 @@ def finish_exchange(pending) -> list[torch.Tensor]:
     return incoming
 
 
+def send_and_receive(sends: list[tuple[torch.Tensor, int]], receives: list[tuple[torch.Tensor, int]],
+                     group: dist.ProcessGroup) -> None:
+    """Post every ``(tensor, group rank)`` send and receive in one batch and wait for all of them.
+
+    Messages between two ranks are matched in the order they are posted: post them in the same order on both.
+    """
+    ops = [dist.P2POp(dist.isend, t.contiguous(), dist.get_global_rank(group, peer), group) for t, peer in sends]
+    ops += [dist.P2POp(dist.irecv, t, dist.get_global_rank(group, peer), group) for t, peer in receives]
+    if ops:
+        for request in dist.batch_isend_irecv(ops):
+            request.wait()
+
+
 def segment_process_group(layout: PairLayout, rank: int, group: dist.ProcessGroup) -> dist.ProcessGroup:
     """The process group of ``rank``'s segment group for a pair that spans ranks, made once and cached.
 

@@ -29,6 +29,11 @@ DISTRIBUTED_STAGES = {
     "stage 6: balanced, ring": "lessons.harness:balanced_ring",
     "stage 6: balanced, allgather": "lessons.harness:balanced_allgather",
 }
+# stage 7 needs heads (and kv heads) that the all-to-all's sub-group size divides
+ALL_TO_ALL_STAGES = {
+    "stage 7: hybrid, all-to-all in pairs of ranks": "lessons.harness:hybrid_ring",
+    "stage 7: all-to-all across the group": "lessons.harness:all_to_all",
+}
 
 
 @dataclass(frozen=True)
@@ -70,6 +75,13 @@ production_ring = functools.partial(production, comm="ring", load_balance=False)
 production_allgather = functools.partial(production, comm="allgather", load_balance=False)
 balanced_ring = functools.partial(production, comm="ring", load_balance=True)
 balanced_allgather = functools.partial(production, comm="allgather", load_balance=True)
+hybrid_ring = functools.partial(production, comm="ring", load_balance=True, ulysses_size=2)
+
+
+def all_to_all(q, k, v, segment_lengths, dilation_rates, **options) -> torch.Tensor:
+    """The production core with all-to-all over heads across the whole world (``ulysses_size`` = world size)."""
+    return production(q, k, v, segment_lengths, dilation_rates, comm="ring", load_balance=True,
+                      ulysses_size=dist.get_world_size(), **options)
 
 
 def shard(x: torch.Tensor, rank: int, world_size: int) -> torch.Tensor:

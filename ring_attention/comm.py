@@ -15,8 +15,8 @@ from ring_attention.pattern import PairLayout
 
 GroupLike = dist.ProcessGroup | DeviceMesh | None
 
-# (default group, global ranks) -> process group of one segment group, made once per process
-_SEGMENT_GROUPS: dict[tuple, dist.ProcessGroup] = {}
+# (default group, global ranks) -> process group of those ranks (a segment group, a sub-group), made once per process
+_GROUPS: dict[tuple, dist.ProcessGroup] = {}
 
 
 def resolve_group(group: GroupLike) -> dist.ProcessGroup | None:
@@ -97,20 +97,26 @@ def send_and_receive(sends: list[tuple[torch.Tensor, int]], receives: list[tuple
             request.wait()
 
 
-def segment_process_group(layout: PairLayout, rank: int, group: dist.ProcessGroup) -> dist.ProcessGroup:
-    """The process group of ``rank``'s segment group for a pair that spans ranks, made once and cached.
+def subgroup(group: dist.ProcessGroup, members: list[int]) -> dist.ProcessGroup:
+    """The process group of ``members`` (ranks of ``group``), made once per process and cached; ``group`` itself
+    when they are all of it.
 
-    A segment group as large as the sequence group is the sequence group itself. Smaller ones are made with
-    ``use_local_synchronization=True``: only their members take part, so each sequence group of a 2-D mesh
-    makes its own without the others (members make them in the same order: pair by pair).
+    Made with ``use_local_synchronization=True``: only the members take part, so each sequence group of a 2-D
+    mesh (or each sub-group of one sequence group) makes its own without the others. Members make their groups
+    in the same order (pair by pair, sub-group before inter-group).
     """
-    if layout.group_size == dist.get_world_size(group):
+    if len(members) == dist.get_world_size(group):
         return group
-    members = tuple(dist.get_global_rank(group, r) for r in layout.segment_group(rank))
-    key = (dist.group.WORLD, members)
-    if key not in _SEGMENT_GROUPS:
-        _SEGMENT_GROUPS[key] = dist.new_group(list(members), use_local_synchronization=True)
-    return _SEGMENT_GROUPS[key]
+    ranks = tuple(dist.get_global_rank(group, r) for r in members)
+    key = (dist.group.WORLD, ranks)
+    if key not in _GROUPS:
+        _GROUPS[key] = dist.new_group(list(ranks), use_local_synchronization=True)
+    return _GROUPS[key]
+
+
+def segment_process_group(layout: PairLayout, rank: int, group: dist.ProcessGroup) -> dist.ProcessGroup:
+    """The process group of ``rank``'s segment group for a pair that spans ranks (`subgroup`)."""
+    return subgroup(group, layout.segment_group(rank))
 
 
 def all_gather_blocks(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:

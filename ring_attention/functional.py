@@ -21,6 +21,7 @@ import math
 from collections.abc import Sequence
 
 import torch
+import torch.distributed as dist
 
 from ring_attention import comm as C
 from ring_attention.kernels import block_attention, block_attention_backward, lse_dtype, select_backend
@@ -34,6 +35,7 @@ from ring_attention.pattern import (
     viewable,
 )
 from ring_attention.spanning import Attend, SpanningPair, merge_into, merge_partials
+from ring_attention.ulysses import AllToAll, check_ulysses_size, ulysses_groups
 from ring_attention.validation import check_pairs, check_qkv
 
 COMM_MODES = ("ring", "allgather")
@@ -123,6 +125,8 @@ class _DilatedAttention(torch.autograd.Function):
             out = q.new_zeros(batch, shard, heads, head_dim, dtype=acc)
             lse = q.new_full((batch, shard, heads), -math.inf, dtype=acc)
         for i, layout in enumerate(ctx.layouts):
+            if not layout.views:  # head groups split over ranks (ulysses_size > 1): none of this pair's heads here
+                continue
             compute = ctx.spanning_forward if layout.spans_ranks else ctx.local_forward
             compute(q, k, v, out, lse, layout, first=i == 0)
         result = out.to(q.dtype)
@@ -141,6 +145,8 @@ class _DilatedAttention(torch.autograd.Function):
         dout = viewable(dout)
         with _autocast_off(q.device.type):
             for i, layout in enumerate(ctx.layouts):
+                if not layout.views:
+                    continue
                 compute = ctx.spanning_backward if layout.spans_ranks else ctx.local_backward
                 compute(dout, q, k, v, out, lse, dq, dk, dv, layout, first=written and i == 0)
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None
@@ -160,10 +166,10 @@ def _autocast_off(device_type: str) -> contextlib.AbstractContextManager:
 
 
 @functools.lru_cache(maxsize=64)
-def _plan(seq_len, size, segment_lengths, dilation_rates, heads, head_mode, kv_heads, device):
+def _plan(seq_len, size, segment_lengths, dilation_rates, heads, head_mode, kv_heads, device, local_heads):
     # a model calls this every layer and step with the same configuration: build the index tensors once
     return plan_pairs(seq_len, size, list(segment_lengths), list(dilation_rates), heads, head_mode,
-                      num_kv_heads=kv_heads, device=device)
+                      num_kv_heads=kv_heads, device=device, local_heads=local_heads)
 
 
 def ring_dilated_attention(
@@ -180,6 +186,7 @@ def ring_dilated_attention(
     backend: str = "auto",
     scale: float | None = None,
     load_balance: bool = True,
+    ulysses_size: int = 1,
 ) -> torch.Tensor:
     """Dilated attention (LongNet) of this rank's ``[B, L, H, D]`` shard; returns this rank's output rows.
 
@@ -204,6 +211,10 @@ def ring_dilated_attention(
             laid back, so the result and the user's layout are the same as without it. A pair whose ranks hold
             an odd number of selected rows per head keeps the unbalanced schedule. No effect without
             ``causal`` or without spanning pairs.
+        ulysses_size: ``U`` > 1 adds all-to-all over heads (`ring_attention.ulysses`): each sub-group of ``U``
+            consecutive ranks swaps sequence shards for head shards, and the pairs run across the sub-groups
+            on blocks of ``U L`` tokens. ``U`` must divide the group size, ``heads`` and ``kv_heads``; ``U`` equal
+            to the group size is all-to-all alone. The user's layout does not change.
 
     fp16/bf16 inputs run the kernels in their dtype and merge in float32; the output has the input dtype.
     Under ``torch.autocast`` float32 inputs are cast to the autocast dtype first.
@@ -213,8 +224,13 @@ def ring_dilated_attention(
         raise ValueError(f"comm must be one of {COMM_MODES}, got {comm!r}")
     if scale is not None and not (isinstance(scale, (int, float)) and scale > 0):
         raise ValueError(f"scale must be a positive number or None, got {scale!r}")
+    if not isinstance(load_balance, bool):
+        raise TypeError(f"load_balance must be True or False, got {load_balance!r}")
     pg = C.resolve_group(group)
     _, size = C.group_rank_and_size(pg)
+    batch, shard, heads, head_dim = q.shape
+    kv_heads = k.shape[2]
+    check_ulysses_size(ulysses_size, size, heads, kv_heads)
     if size > 1:
         C.check_same_shards(q, k, pg)
     device_type = q.device.type
@@ -222,14 +238,19 @@ def ring_dilated_attention(
     if autocast and q.dtype == torch.float32:
         low = torch.get_autocast_dtype(device_type)
         q, k, v = q.to(low), k.to(low), v.to(low)
-    batch, shard, heads, head_dim = q.shape
     check_pairs(segment_lengths, dilation_rates)  # before they become the cache key
-    layouts = _plan(shard * size, size, tuple(segment_lengths), tuple(dilation_rates), heads, head_mode, k.shape[2],
-                    q.device)
-    if not isinstance(load_balance, bool):
-        raise TypeError(f"load_balance must be True or False, got {load_balance!r}")
-    ctx = _Context(layouts, pg, causal, scale or 1.0 / math.sqrt(head_dim), select_backend(backend, q), comm,
+    pairs_group, local_heads = pg, range(heads)
+    if ulysses_size > 1:  # sequence shards -> head shards of the sub-group's U L tokens; pairs over the inter-group
+        sub, pairs_group = ulysses_groups(pg, ulysses_size)
+        part = dist.get_rank(sub)
+        local_heads = range(part * heads // ulysses_size, (part + 1) * heads // ulysses_size)
+        q, k, v = (AllToAll.apply(t, sub, True) for t in (q, k, v))  # [B, U L, H / U, D]
+    pairs_size = size // ulysses_size
+    layouts = _plan(shard * size, pairs_size, tuple(segment_lengths), tuple(dilation_rates), heads, head_mode,
+                    kv_heads, q.device, local_heads)
+    ctx = _Context(layouts, pairs_group, causal, scale or 1.0 / math.sqrt(head_dim), select_backend(backend, q), comm,
                    load_balance)
     q, k, v = viewable(q), viewable(k), viewable(v)  # rows are read through strided views
     with _autocast_off(device_type):
-        return _DilatedAttention.apply(q, k, v, ctx)
+        out = _DilatedAttention.apply(q, k, v, ctx)
+    return AllToAll.apply(out, sub, False) if ulysses_size > 1 else out  # this rank's rows, every head

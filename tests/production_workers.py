@@ -121,11 +121,14 @@ def bad_sequence_groups(rank, world_size):
         "not divisible": torch.zeros(1, 12, 2, 4),  # 24 tokens on 2 ranks: a shard of 12 is not a multiple of 8
         "shapes": torch.zeros(1, 16 if rank == 0 else 8, 2, 4),
         "dtypes": torch.zeros(1, 16, 2, 4, dtype=torch.float32 if rank == 0 else torch.float64),
+        "ulysses_size 3": torch.zeros(1, 16, 2, 4),
+        "ulysses_size 2, 3 heads": torch.zeros(1, 16, 3, 4),
     }
     errors = {}
     for case, q in cases.items():
+        ulysses_size = int(case.split()[1].strip(",")) if case.startswith("ulysses") else 1
         try:
-            ring_attention.ring_dilated_attention(q, q, q, [8], [1], group=dist.group.WORLD)
+            ring_attention.ring_dilated_attention(q, q, q, [8], [1], group=dist.group.WORLD, ulysses_size=ulysses_size)
         except ValueError as error:
             errors[case] = str(error)
     return errors
@@ -144,17 +147,22 @@ def gather_round_trip(rank, world_size):
     return full.detach(), x.grad, None
 
 
+VARIANTS = {"ring": dict(comm="ring"), "allgather": dict(comm="allgather"),
+            "hybrid": dict(comm="ring", ulysses_size=2), "all-to-all": dict(comm="allgather", ulysses_size=4)}
+
+
 def gqa_and_bf16(rank, world_size, cases):
-    """Each case: (q, k, v, grad_out, options); returns this rank's output and gradients per case and comm."""
+    """Each case: (q, k, v, grad_out, options); returns this rank's output and gradients per case and variant
+    (`VARIANTS`: both communication modes, alone and with all-to-all over heads)."""
     results = []
     for q, k, v, grad_out, options in cases:
-        per_comm = {}
-        for comm in ("ring", "allgather"):
+        per_variant = {}
+        for name, variant in VARIANTS.items():
             q_, k_, v_ = (shard_sequence(t, dist.group.WORLD, dim=1).clone().requires_grad_(True) for t in (q, k, v))
-            out = ring_attention.ring_dilated_attention(q_, k_, v_, group=dist.group.WORLD, comm=comm, **options)
+            out = ring_attention.ring_dilated_attention(q_, k_, v_, group=dist.group.WORLD, **variant, **options)
             grads = torch.autograd.grad(out, (q_, k_, v_), shard_sequence(grad_out, dist.group.WORLD, dim=1))
-            per_comm[comm] = [out.detach(), *grads]
-        results.append(per_comm)
+            per_variant[name] = [out.detach(), *grads]
+        results.append(per_variant)
     return results
 
 
@@ -168,6 +176,20 @@ def input_layouts(rank, world_size, q, k, v, grad_out, layouts):
         out = ring_attention.ring_dilated_attention(*views, [32, 256], [1, 4], causal=True, group=dist.group.WORLD)
         results[layout] = [out.detach(), *torch.autograd.grad(out, views, shard_sequence(grad_out, dist.group.WORLD))]
     return results
+
+
+def all_to_all_in_a_mesh(rank, world_size):
+    """A (dp = 2) x (sp = 4) mesh, all-to-all over pairs of sequence ranks (sub-groups and inter-groups made inside
+    each sequence group): float64 and bf16 rows of this rank."""
+    mesh = init_device_mesh("cpu", (2, 4), mesh_dim_names=("dp", "sp"))
+    gen = torch.Generator().manual_seed(5 + mesh["dp"].get_local_rank())
+    q, k, v = (torch.randn(1, 64, 4, 8, generator=gen, dtype=torch.float64) for _ in range(3))
+    shards = [shard_sequence(t, mesh["sp"], dim=1) for t in (q, k, v)]
+    rows = {}
+    for dtype in (torch.float64, torch.bfloat16):
+        rows[str(dtype)] = ring_attention.ring_dilated_attention(
+            *(t.to(dtype) for t in shards), [16, 64], [1, 2], causal=True, group=mesh["sp"], ulysses_size=2)
+    return q, k, v, rows
 
 
 def mesh_sequence_group(rank, world_size):

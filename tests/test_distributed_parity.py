@@ -2,8 +2,9 @@
 
 The ranks are started once per world size and run the whole grid for every stage (a process start
 costs seconds here). Stage 2 is compared with stage 1 (simulated ring), stage k with stage k - 1; the
-balanced production core (stage 6) with the unbalanced one (stage 5) of the same communication mode.
-Grouped-query problems run through the production stages only (the lessons keep one kv head per head).
+balanced production core (stage 6) with the unbalanced one (stage 5) of the same communication mode; the
+all-to-all over heads (stage 7) with the ring alone (``ulysses_size=1``). Grouped-query problems run through the
+production stages only (the lessons keep one kv head per head); stage 7 runs on 8 heads, which it can cut.
 """
 
 import pytest
@@ -12,7 +13,7 @@ from helpers import rel_err
 from workers import run_batteries
 
 import reference
-from lessons.harness import DISTRIBUTED_STAGES, Problem, gather_ranks
+from lessons.harness import ALL_TO_ALL_STAGES, DISTRIBUTED_STAGES, Problem, gather_ranks
 from lessons.launch import run_on_ranks
 from lessons.stage1_simulated_ring import simulated_ring_dilated_attention
 
@@ -40,6 +41,18 @@ GQA_PROBLEMS = [
         for dtype in (torch.float64, torch.float32)
     )
 ]
+# 8 heads (and 8 or 4 kv heads): the all-to-all cuts them over 2 ranks, or over all of them (8 kv heads)
+ALL_TO_ALL_PROBLEMS = [
+    Problem(segment_lengths=s, dilation_rates=r, causal=causal, head_mode=mode, dtype=dtype, heads=8, seed=200 + i)
+    for i, ((s, r), causal, mode, dtype) in enumerate(
+        (c, causal, mode, dtype) for c in CONFIGS.values() for causal in (False, True) for mode in ("all", "groups")
+        for dtype in (torch.float64, torch.float32)
+    )
+]
+HYBRID_GQA_PROBLEMS = [Problem(segment_lengths=CONFIGS["mixed"][0], dilation_rates=CONFIGS["mixed"][1], causal=True,
+                               head_mode=mode, dtype=dtype, heads=8, kv_heads=4, seed=300 + i)
+                       for i, (mode, dtype) in enumerate((m, d) for m in ("all", "groups")
+                                                         for d in (torch.float64, torch.float32))]
 TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5}
 STAGES = list(DISTRIBUTED_STAGES.values())
 PRODUCTION = [i for i, name in enumerate(DISTRIBUTED_STAGES) if name.startswith(("stage 5", "stage 6"))]
@@ -77,14 +90,19 @@ def results(request):
     """``(world_size, rows, gqa_rows)``: ``rows[problem][stage][name]`` is the full tensor gathered from all ranks
     (``gqa_rows`` indexes the production stages in `PRODUCTION` order)."""
     world_size = request.param
-    per_rank = run_on_ranks(run_batteries, world_size, [(PROBLEMS, STAGES),
-                                                        (GQA_PROBLEMS, [STAGES[i] for i in PRODUCTION])])
+    balanced_ring = DISTRIBUTED_STAGES["stage 6: balanced, ring"]
+    per_rank = run_on_ranks(run_batteries, world_size, [
+        (PROBLEMS, STAGES), (GQA_PROBLEMS, [STAGES[i] for i in PRODUCTION]),
+        (ALL_TO_ALL_PROBLEMS, [balanced_ring, *ALL_TO_ALL_STAGES.values()]),
+        (HYBRID_GQA_PROBLEMS, [balanced_ring, ALL_TO_ALL_STAGES["stage 7: hybrid, all-to-all in pairs of ranks"]]),
+    ])
 
     def gathered(battery: int, problems: list, stages: int) -> list:
         return [[{n: gather_ranks([r[battery][i][s] for r in per_rank], n) for n in ROWS} for s in range(stages)]
                 for i in range(len(problems))]
 
-    return world_size, gathered(0, PROBLEMS, len(STAGES)), gathered(1, GQA_PROBLEMS, len(PRODUCTION))
+    return (world_size, gathered(0, PROBLEMS, len(STAGES)), gathered(1, GQA_PROBLEMS, len(PRODUCTION)),
+            gathered(2, ALL_TO_ALL_PROBLEMS, 3), gathered(3, HYBRID_GQA_PROBLEMS, 2))
 
 
 def assert_close(actual: dict, expected: dict, tol: float, what: str) -> None:
@@ -95,7 +113,7 @@ def assert_close(actual: dict, expected: dict, tol: float, what: str) -> None:
 
 @pytest.mark.parametrize("stage", range(len(STAGES)), ids=NAMES)
 def test_stage_matches_the_stage_before(results, stage):
-    world_size, rows, gqa_rows = results
+    world_size, rows, gqa_rows, _, _ = results
     for i, problem in enumerate(PROBLEMS):
         before = stage1_rows(problem, world_size) if stage == 0 else rows[i][BEFORE[stage]]
         assert_close(rows[i][stage], before, TOLERANCE[problem.dtype], f"{problem}")
@@ -107,7 +125,7 @@ def test_stage_matches_the_stage_before(results, stage):
 
 @pytest.mark.parametrize("stage", range(len(STAGES)), ids=NAMES)
 def test_stage_matches_reference_in_float64(results, stage):
-    _, rows, gqa_rows = results
+    _, rows, gqa_rows, _, _ = results
     for i, problem in enumerate(PROBLEMS):
         if problem.dtype == torch.float64:
             assert_close(rows[i][stage], reference_rows(problem), 1e-10, f"{problem}")
@@ -115,3 +133,17 @@ def test_stage_matches_reference_in_float64(results, stage):
         for i, problem in enumerate(GQA_PROBLEMS):
             if problem.dtype == torch.float64:
                 assert_close(gqa_rows[i][PRODUCTION.index(stage)], reference_rows(problem), 1e-10, f"{problem}")
+
+
+@pytest.mark.parametrize("stage", [1, 2], ids=list(ALL_TO_ALL_STAGES))
+def test_all_to_all_matches_the_ring_alone_and_the_reference(results, stage):
+    _, _, _, rows, gqa_rows = results
+    for i, problem in enumerate(ALL_TO_ALL_PROBLEMS):  # against ulysses_size=1 (the balanced ring), same inputs
+        assert_close(rows[i][stage], rows[i][0], TOLERANCE[problem.dtype], f"{problem}")
+        if problem.dtype == torch.float64:
+            assert_close(rows[i][stage], reference_rows(problem), 1e-10, f"{problem}")
+    if stage == 1:  # grouped-query heads: 8 on 4 kv heads, cut over pairs of ranks
+        for i, problem in enumerate(HYBRID_GQA_PROBLEMS):
+            assert_close(gqa_rows[i][1], gqa_rows[i][0], TOLERANCE[problem.dtype], f"{problem}")
+            if problem.dtype == torch.float64:
+                assert_close(gqa_rows[i][1], reference_rows(problem), 1e-10, f"{problem}")

@@ -82,10 +82,11 @@ def test_any_input_layout_on_two_ranks():
 
 @pytest.fixture(scope="module")
 def four_rank_cases():
-    """GQA in float64 and plain attention in bf16, on 4 ranks, both communication modes."""
+    """GQA in float64 and plain attention in bf16, on 4 ranks: both communication modes, alone and with all-to-all
+    over heads (in pairs of ranks, and across all 4)."""
     gen = torch.Generator().manual_seed(11)
-    q, k, v = (torch.randn(2, 64, h, 8, generator=gen, dtype=torch.float64) for h in (6, 3, 3))
-    grad_out = torch.randn(2, 64, 6, 8, generator=gen, dtype=torch.float64)
+    q, k, v = (torch.randn(2, 64, h, 8, generator=gen, dtype=torch.float64) for h in (8, 4, 4))
+    grad_out = torch.randn(2, 64, 8, 8, generator=gen, dtype=torch.float64)
     q16, k16, v16, g16 = (torch.randn(2, 64, 4, 16, generator=gen, dtype=torch.float64) for _ in range(4))
     cases = [
         (q, k, v, grad_out, dict(segment_lengths=SEGMENTS, dilation_rates=RATES, causal=True)),
@@ -101,10 +102,10 @@ def test_gqa_on_four_ranks_matches_oracle(four_rank_cases):
     for i, (q, k, v, grad_out, options) in enumerate(cases[:2]):
         truth = with_grads(lambda q, k, v: reference.dilated_attention(q, k, v, **options), q, k, v,  # noqa: B023
                            grad_out)
-        for comm in ("ring", "allgather"):
+        for variant in pw.VARIANTS:
             for j, want in enumerate(truth):
-                got = torch.cat([r[i][comm][j] for r in per_rank], dim=1)
-                assert rel_err(got, want) < 1e-10, (i, comm, j)
+                got = torch.cat([r[i][variant][j] for r in per_rank], dim=1)
+                assert rel_err(got, want) < 1e-10, (i, variant, j)
 
 
 def test_bf16_ring_error_is_within_1_5x_of_one_process(four_rank_cases):
@@ -113,11 +114,11 @@ def test_bf16_ring_error_is_within_1_5x_of_one_process(four_rank_cases):
     truth = with_grads(lambda q, k, v: reference.dilated_attention(q, k, v, SEGMENTS, RATES, causal=True),
                        q.double(), k.double(), v.double(), grad_out.double())
     single = with_grads(lambda q, k, v: ring_dilated_attention(q, k, v, **options), q, k, v, grad_out)
-    for comm in ("ring", "allgather"):
+    for variant in pw.VARIANTS:
         for j, want in enumerate(truth):
-            ranks = torch.cat([r[2][comm][j] for r in per_rank], dim=1)
+            ranks = torch.cat([r[2][variant][j] for r in per_rank], dim=1)
             assert ranks.dtype == torch.bfloat16
-            assert rel_err(ranks, want) <= 1.5 * rel_err(single[j], want), (comm, j)
+            assert rel_err(ranks, want) <= 1.5 * rel_err(single[j], want), (variant, j)
 
 
 @pytest.mark.parametrize("batch_first", [False, True])
@@ -254,6 +255,14 @@ def test_data_times_sequence_parallel_training_reproduces_one_process():
     assert expected_losses[2] < expected_losses[0]  # it trained
 
 
+def test_all_to_all_inside_a_two_dimensional_mesh():
+    results = run_on_ranks(pw.all_to_all_in_a_mesh, 8)
+    for rank, (q, k, v, rows) in enumerate(results):
+        expected = reference.dilated_attention(q, k, v, [16, 64], [1, 2], causal=True).chunk(4, dim=1)[rank % 4]
+        assert rel_err(rows["torch.float64"], expected) < 1e-10
+        assert rel_err(rows["torch.bfloat16"], expected) < 2**-5
+
+
 def test_a_one_dimensional_mesh_is_a_sequence_group():
     results = run_on_ranks(pw.mesh_sequence_group, 4)
     for rank, (q, k, v, out, two_d_error) in enumerate(results):
@@ -282,6 +291,10 @@ def test_a_bad_sequence_group_fails_with_the_same_error_on_every_rank():
         "the q/k shards differ between the ranks of the sequence group (rank 0: q [1, 16, 2, 4] k [1, 16, 2, 4] "
         "torch.float32 cpu, rank 1: q [1, 8, 2, 4] k [1, 8, 2, 4] torch.float32 cpu): every rank must pass its own "
         "equal-length slice of the same sequence, with the same dtype and device type")
+    assert errors["ulysses_size 3"] == ("ulysses_size=3 must divide the sequence group size 2: use a divisor of 2 "
+                                        "(1 for the ring alone, 2 for all-to-all alone)")
+    assert errors["ulysses_size 2, 3 heads"] == ("ulysses_size=2 must divide num_heads=3: each rank of a sub-group "
+                                                 "takes num_heads / ulysses_size heads")
     assert errors["dtypes"] == (
         "the q/k shards differ between the ranks of the sequence group (rank 0: q [1, 16, 2, 4] k [1, 16, 2, 4] "
         "torch.float32 cpu, rank 1: q [1, 16, 2, 4] k [1, 16, 2, 4] torch.float64 cpu): every rank must pass its "

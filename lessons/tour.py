@@ -5,7 +5,9 @@
 
 Each stage runs forward and backward in float64 in fresh processes (so each peak-memory number is its
 own): stage 0 and stage 1 in one process (stage 1 simulates the 4 ranks), the later stages on 4 ranks.
-Errors are the largest relative error of the output and of dq, dk, dv against stage 0, the reference.
+Errors are the largest relative error of the output and of dq, dk, dv against stage 0, the reference; the last
+column is what a rank received from the others (the most of any rank), which shows what load balance and
+all-to-all cost in communication.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import os
 import torch
 from tqdm import tqdm
 
-from lessons.harness import DISTRIBUTED_STAGES, Problem, gather_ranks, run_stage
+from lessons.harness import ALL_TO_ALL_STAGES, DISTRIBUTED_STAGES, Problem, gather_ranks, run_stage
 from lessons.launch import run_on_ranks
 
 NAMES = ("out", "dq", "dk", "dv")
@@ -42,7 +44,7 @@ def run_tour(world_size: int = 4, quick: bool = False) -> list[dict]:
         ("stage 0: reference", "reference:dilated_attention", 1, None),
         ("stage 1: simulated ring", "lessons.stage1_simulated_ring:simulated_ring_dilated_attention", 1,
          {"world_size": world_size}),
-        *[(name, module, world_size, None) for name, module in DISTRIBUTED_STAGES.items()],
+        *[(name, module, world_size, None) for name, module in {**DISTRIBUTED_STAGES, **ALL_TO_ALL_STAGES}.items()],
     ]
     rows, truth = [], None
     for name, target, ranks, options in tqdm(stages, desc="tour", unit="stage"):

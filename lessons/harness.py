@@ -31,8 +31,8 @@ DISTRIBUTED_STAGES = {
 }
 # stage 7 needs heads (and kv heads) that the all-to-all's sub-group size divides
 ALL_TO_ALL_STAGES = {
-    "stage 7: hybrid, all-to-all in pairs of ranks": "lessons.harness:hybrid_ring",
-    "stage 7: all-to-all across the group": "lessons.harness:all_to_all",
+    "stage 7: hybrid (U=2), ring": "lessons.harness:hybrid_ring",
+    "stage 7: all-to-all (U=P)": "lessons.harness:all_to_all",
 }
 
 

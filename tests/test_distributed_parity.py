@@ -94,7 +94,7 @@ def results(request):
     per_rank = run_on_ranks(run_batteries, world_size, [
         (PROBLEMS, STAGES), (GQA_PROBLEMS, [STAGES[i] for i in PRODUCTION]),
         (ALL_TO_ALL_PROBLEMS, [balanced_ring, *ALL_TO_ALL_STAGES.values()]),
-        (HYBRID_GQA_PROBLEMS, [balanced_ring, ALL_TO_ALL_STAGES["stage 7: hybrid, all-to-all in pairs of ranks"]]),
+        (HYBRID_GQA_PROBLEMS, [balanced_ring, ALL_TO_ALL_STAGES["stage 7: hybrid (U=2), ring"]]),
     ])
 
     def gathered(battery: int, problems: list, stages: int) -> list:

@@ -199,8 +199,10 @@ def comm_families() -> str:
             f"{r['machine']['cores']} cores: "
             f"the ring, the all-gather, all-to-all over heads across all P ranks, and the hybrid (all-to-all in "
             f"pairs of ranks, the ring across them). Bytes: what a rank receives, equal to the formulas of "
-            f"`lessons/comm_volume.py` (the script stops otherwise). With LongNet pairs and long shards the ring and "
-            f"the all-gather send less than all-to-all; for the dense pair, all-to-all does (lesson 7).\n\n"
+            f"`lessons/comm_volume.py` (the script stops otherwise). With LongNet pairs the ring and the all-gather "
+            f"send less than all-to-all while a shard is long compared with the w / r rows a query attends to "
+            f"(P = 2 and 4 here); at P = 8 the shards are as long as w / r and all-to-all sends less, as it always "
+            f"does for the dense pair (lesson 7 explains why).\n\n"
             + table(["pairs", "P", "family", "MiB received / rank", "fwd+bwd (s)"], rows))
     return section("The three families and the hybrid", r, "comm_families.png", body)
 

@@ -32,6 +32,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 import reference
 from lessons.harness import peak_memory, reset_peak_memory
 from ring_attention import RingMultiheadDilatedAttention, kernels, ring_dilated_attention
+from ring_attention.spanning import merge_partials
 
 BF16_U = 2.0**-8
 KERNEL_TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 4 * BF16_U, torch.float16: 4 * 2.0**-11}
@@ -122,7 +123,7 @@ def check_block(backend, dtype, device, q_len, k_len, head_dim, causal, gen) -> 
         merged = None
         for b in blocks:
             o, s = kernels.block_attention(q, k[:, b], v[:, b], causal=False, scale=scale, backend=backend)
-            merged = (o.float(), s) if merged is None else _merge(*merged, o.float(), s)
+            merged = (o.float(), s) if merged is None else merge_partials(*merged, o.float(), s)
         errors["ring out"] = rel(merged[0], out_m)
         strided_out = out_m.transpose(1, 2).contiguous().transpose(1, 2)  # same values, [B, H, L, D] in memory
         for layout, global_out in (("contiguous", out_m), ("strided", strided_out)):
@@ -136,11 +137,6 @@ def check_block(backend, dtype, device, q_len, k_len, head_dim, causal, gen) -> 
     ok = all(errors[name] < limits[name] for name in errors)
     return dict(backend=backend, dtype=str(dtype).removeprefix("torch."), q_len=q_len, k_len=k_len,
                 head_dim=head_dim, causal=causal, errors=errors, tolerance=tol, ok=ok)
-
-
-def _merge(out_a, lse_a, out_b, lse_b):
-    lse = torch.logaddexp(lse_a, lse_b)
-    return torch.exp(lse_a - lse).unsqueeze(-1) * out_a + torch.exp(lse_b - lse).unsqueeze(-1) * out_b, lse
 
 
 def check_kernels(device: torch.device, dry_run: bool) -> list[dict]:

@@ -4,12 +4,13 @@
 
 The production core on N = 16384 tokens (4 heads of 64, float32, causal, pairs with w / r = 2048), forward
 + backward, once on one process (``group=None``) and on P = 2, 4, 8 processes for both ``comm`` modes, with
-causal load balance off and on. Each rank counts the bytes it receives from other ranks and the time it spends
-waiting on communication (by wrapping ``ring_attention.comm``). The forward's bytes must equal the formulas of
-docs/concepts.md: each spanning pair moves ``(G - 1) L / r`` tokens of K and V per rank and kv head; balanced,
-it also moves the halves of its selected rows that change rank (``ring_attention.balance.halves_received``:
-q, k, v into the zigzag order for the ring, q alone for the all-gather) and the output and log-sum-exp back.
-The script stops if any rank's count differs. On this machine all P
+causal load balance off and on. Each rank counts the bytes it receives from other ranks
+(``lessons.harness.counting_received_bytes``) and the time it spends waiting on communication (by wrapping
+``ring_attention.comm``). The forward's bytes must equal the formulas of docs/concepts.md: each spanning pair
+moves ``(G - 1) L / r`` tokens of K and V per rank and kv head; balanced, it also moves the halves of its
+selected rows that change rank (``ring_attention.balance.halves_received``: q, k, v into the zigzag order for
+the ring, q alone for the all-gather) and the output and log-sum-exp back; and every call's agreement check
+brings 10 integers from each other rank. The script stops if any rank's count differs. On this machine all P
 processes share the same cores, so the P-rank time includes that contention: the ratio is an upper bound
 of the overhead, not a speed-up measurement.
 """
@@ -28,6 +29,8 @@ from common import output_dir, parse_args, write_json  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 import ring_attention.comm as comm  # noqa: E402
+from lessons.comm_volume import agreement_check_bytes  # noqa: E402
+from lessons.harness import counting_received_bytes  # noqa: E402
 from lessons.launch import run_on_ranks  # noqa: E402
 from ring_attention import ring_dilated_attention  # noqa: E402
 from ring_attention.balance import balanced, halves_received  # noqa: E402
@@ -41,43 +44,21 @@ def pairs(seq_len: int) -> tuple[list[int], list[int]]:
     return segments, [s // 2048 for s in segments]
 
 
-class Counter:
-    """Wraps the communication functions of `ring_attention.comm` to count received bytes and waiting time."""
+class Waiting:
+    """Wraps the communication functions of `ring_attention.comm` that block to add up the time spent in them."""
 
     def __init__(self):
-        self.bytes, self.wait = 0, 0.0
-        self.original = {name: getattr(comm, name) for name in
-                         ("start_exchange", "finish_exchange", "all_gather_blocks", "reduce_scatter_blocks",
-                          "send_and_receive")}
-        comm.start_exchange = self.start_exchange
-        comm.finish_exchange = self.timed(self.original["finish_exchange"])
-        comm.all_gather_blocks = self.all_gather_blocks
-        comm.reduce_scatter_blocks = self.reduce_scatter_blocks
-        comm.send_and_receive = self.send_and_receive
+        self.seconds = 0.0
+        for name in ("finish_exchange", "all_gather_blocks", "reduce_scatter_blocks", "send_and_receive"):
+            setattr(comm, name, self.timed(getattr(comm, name)))
 
     def timed(self, fn):
         def wrapper(*args):
             start = time.perf_counter()
             result = fn(*args)
-            self.wait += time.perf_counter() - start
+            self.seconds += time.perf_counter() - start
             return result
         return wrapper
-
-    def start_exchange(self, tensors, *args):
-        self.bytes += sum(t.numel() * t.element_size() for t in tensors)
-        return self.original["start_exchange"](tensors, *args)
-
-    def send_and_receive(self, sends, receives, group):
-        self.bytes += sum(t.numel() * t.element_size() for t, _ in receives)
-        return self.timed(self.original["send_and_receive"])(sends, receives, group)
-
-    def all_gather_blocks(self, x, group):
-        self.bytes += (dist.get_world_size(group) - 1) * x.numel() * x.element_size()
-        return self.timed(self.original["all_gather_blocks"])(x, group)
-
-    def reduce_scatter_blocks(self, blocks, group):
-        self.bytes += (blocks.shape[0] - 1) * blocks[0].numel() * blocks.element_size()  # partial sums of my block
-        return self.timed(self.original["reduce_scatter_blocks"])(blocks, group)
 
 
 def measure(rank: int, world_size: int, seq_len: int, mode: str, load_balance: bool = False) -> dict:
@@ -88,28 +69,30 @@ def measure(rank: int, world_size: int, seq_len: int, mode: str, load_balance: b
     segments, rates = pairs(seq_len)
 
     def step():
-        out = ring_dilated_attention(q, k, v, segments, rates, causal=True, group=group, comm=mode,
-                                     load_balance=load_balance)
-        forward_bytes = counter.bytes
-        torch.autograd.grad(out, (q, k, v), dout)
-        return forward_bytes
+        with counting_received_bytes() as received:
+            out = ring_dilated_attention(q, k, v, segments, rates, causal=True, group=group, comm=mode,
+                                         load_balance=load_balance)
+            forward_bytes = received["bytes"]
+            torch.autograd.grad(out, (q, k, v), dout)
+        return forward_bytes, received["bytes"]
 
-    counter = Counter()
+    waiting = Waiting()
     step()  # warm-up: connections and process groups
-    counter.bytes, counter.wait = 0, 0.0
+    waiting.seconds = 0.0
     start = time.perf_counter()
-    forward_bytes = step()
+    forward_bytes, total_bytes = step()
     seconds = time.perf_counter() - start
-    return dict(seconds=seconds, wait=counter.wait, forward_bytes=forward_bytes, total_bytes=counter.bytes)
+    return dict(seconds=seconds, wait=waiting.seconds, forward_bytes=forward_bytes, total_bytes=total_bytes)
 
 
 def formula_forward_bytes(seq_len: int, world_size: int, rank: int, mode: str, load_balance: bool) -> int:
     """The bytes ``rank`` receives in the forward, from docs/concepts.md, Communication: (G - 1) L / r tokens of
     K and V per spanning pair and kv head; balanced, the halves of the re-laid rows (L / 2r tokens each) that
-    reach it from another rank: q, k, v (ring) or q (all-gather) into the zigzag order, the output and LSE back."""
+    reach it from another rank: q, k, v (ring) or q (all-gather) into the zigzag order, the output and LSE back;
+    and the ranks' agreement check on their shards."""
     segments, rates = pairs(seq_len)
     shard = seq_len // world_size
-    total = 0
+    total = agreement_check_bytes(world_size)
     for layout in plan_pairs(seq_len, world_size, segments, rates, HEADS):
         if not layout.spans_ranks:
             continue

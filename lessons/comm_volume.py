@@ -26,6 +26,11 @@ from collections.abc import Sequence
 from ring_attention.pattern import plan_pairs
 
 
+def agreement_check_bytes(world_size: int) -> int:
+    """What one call's agreement check brings a rank: 10 integers of 8 bytes from each other rank."""
+    return 10 * 8 * (world_size - 1)
+
+
 def received_bytes(family: str, world_size: int, seq_len: int, segment_lengths: Sequence[int],
                    dilation_rates: Sequence[int], heads: int, kv_heads: int, head_dim: int, element_bytes: int,
                    ulysses_size: int = 1) -> int:
@@ -33,7 +38,7 @@ def received_bytes(family: str, world_size: int, seq_len: int, segment_lengths: 
     for the pairs that span ranks, after an all-to-all over ``ulysses_size`` ranks (1: none)."""
     u = ulysses_size
     shard = seq_len // world_size
-    total = 10 * 8 * (world_size - 1)  # the agreement check
+    total = agreement_check_bytes(world_size)
     total += (u - 1) * shard * head_dim * element_bytes * (4 * heads + 4 * kv_heads) // u
     inner = plan_pairs(seq_len, world_size // u, segment_lengths, dilation_rates, heads, num_kv_heads=kv_heads)
     for layout in inner:

@@ -106,17 +106,17 @@ def peak_memory() -> int:
 @contextlib.contextmanager
 def counting_received_bytes():
     """Count the bytes this rank receives from other ranks while the block runs: ``with ... as counter``,
-    then ``counter["bytes"]``. Wraps the ``torch.distributed`` calls every stage uses: point-to-point batches,
-    all-gathers, reduce-scatters and all-to-alls."""
+    then ``counter["bytes"]``. Wraps the ``torch.distributed`` calls every stage makes: batches of point-to-point
+    messages (the ring, the re-layout of load balance, the all-to-all), all-gathers and reduce-scatters."""
     counter = {"bytes": 0}
-    original = {name: getattr(dist, name) for name in
-                ("batch_isend_irecv", "all_gather", "reduce_scatter", "all_to_all_single")}
+    original = {name: getattr(dist, name) for name in ("batch_isend_irecv", "all_gather", "reduce_scatter")}
+    receive = dist.irecv
 
     def nbytes(t: torch.Tensor) -> int:
         return t.numel() * t.element_size()
 
     def batch_isend_irecv(ops):
-        counter["bytes"] += sum(nbytes(op.tensor) for op in ops if op.op is original_irecv)
+        counter["bytes"] += sum(nbytes(op.tensor) for op in ops if op.op is receive)
         return original["batch_isend_irecv"](ops)
 
     def all_gather(tensors, tensor, group=None, **kwargs):
@@ -127,13 +127,8 @@ def counting_received_bytes():
         counter["bytes"] += (len(inputs) - 1) * nbytes(output)  # the other ranks' partial sums of my block
         return original["reduce_scatter"](output, inputs, group=group, **kwargs)
 
-    def all_to_all_single(output, inputs, *args, group=None, **kwargs):
-        counter["bytes"] += nbytes(output) * (dist.get_world_size(group) - 1) // dist.get_world_size(group)
-        return original["all_to_all_single"](output, inputs, *args, group=group, **kwargs)
-
-    original_irecv = dist.irecv
     for name, wrapper in (("batch_isend_irecv", batch_isend_irecv), ("all_gather", all_gather),
-                          ("reduce_scatter", reduce_scatter), ("all_to_all_single", all_to_all_single)):
+                          ("reduce_scatter", reduce_scatter)):
         setattr(dist, name, wrapper)
     try:
         yield counter

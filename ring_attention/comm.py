@@ -67,13 +67,17 @@ def check_same_shards(q: torch.Tensor, k: torch.Tensor, group: dist.ProcessGroup
         )
 
 
+def _post(sends: list[tuple[torch.Tensor, int]], receives: list[tuple[torch.Tensor, int]], group: dist.ProcessGroup):
+    """Post every ``(tensor, group rank)`` send and receive in one batch; returns the requests."""
+    ops = [dist.P2POp(dist.isend, t.contiguous(), dist.get_global_rank(group, peer), group) for t, peer in sends]
+    ops += [dist.P2POp(dist.irecv, t, dist.get_global_rank(group, peer), group) for t, peer in receives]
+    return dist.batch_isend_irecv(ops) if ops else []
+
+
 def start_exchange(tensors: list[torch.Tensor], send_to: int, recv_from: int, group: dist.ProcessGroup):
     """Post sends to group rank ``send_to`` and receives from ``recv_from``; returns (buffers, requests)."""
-    outgoing = [t.contiguous() for t in tensors]
-    incoming = [torch.empty_like(t) for t in outgoing]
-    ops = [dist.P2POp(dist.isend, t, dist.get_global_rank(group, send_to), group) for t in outgoing]
-    ops += [dist.P2POp(dist.irecv, t, dist.get_global_rank(group, recv_from), group) for t in incoming]
-    return incoming, dist.batch_isend_irecv(ops)
+    incoming = [torch.empty_like(t, memory_format=torch.contiguous_format) for t in tensors]
+    return incoming, _post([(t, send_to) for t in tensors], [(t, recv_from) for t in incoming], group)
 
 
 def finish_exchange(pending) -> list[torch.Tensor]:
@@ -90,11 +94,8 @@ def send_and_receive(sends: list[tuple[torch.Tensor, int]], receives: list[tuple
 
     Messages between two ranks are matched in the order they are posted: post them in the same order on both.
     """
-    ops = [dist.P2POp(dist.isend, t.contiguous(), dist.get_global_rank(group, peer), group) for t, peer in sends]
-    ops += [dist.P2POp(dist.irecv, t, dist.get_global_rank(group, peer), group) for t, peer in receives]
-    if ops:
-        for request in dist.batch_isend_irecv(ops):
-            request.wait()
+    for request in _post(sends, receives, group):
+        request.wait()
 
 
 def subgroup(group: dist.ProcessGroup, members: list[int]) -> dist.ProcessGroup:

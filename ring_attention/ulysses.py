@@ -20,6 +20,7 @@ from ring_attention import comm as C
 
 
 def check_ulysses_size(ulysses_size: int, group_size: int, num_heads: int, num_kv_heads: int) -> None:
+    """``ulysses_size`` must be a positive int that divides the sequence group's size and both head counts."""
     if isinstance(ulysses_size, bool) or not isinstance(ulysses_size, int) or ulysses_size < 1:
         raise ValueError(f"ulysses_size must be a positive int, got {ulysses_size!r}")
     if group_size % ulysses_size:

@@ -3,7 +3,7 @@
     python benchmarks/balance.py [--quick]
 
 1. **per-rank work**: the (query, key) score pairs each rank's kernels compute, counted from the plan and the
-   schedules the core runs (``ring_attention.balance.score_pairs``), max / mean over the ranks, for P = 2, 4, 8,
+   schedules the core runs (``ring_attention.cost.score_pairs``), max / mean over the ranks, for P = 2, 4, 8,
    causal, the dense pair ``(N, 1)`` and LongNet pairs, both ``comm`` modes, balanced and not. Goal: max / mean
    <= 1.05 in every balanced configuration.
 2. **wall time**, forward + backward, 2 processes with one thread each (no oversubscription on 2 cores): the
@@ -28,7 +28,7 @@ from tqdm import tqdm  # noqa: E402
 
 from lessons.launch import run_on_ranks  # noqa: E402
 from ring_attention import ring_dilated_attention  # noqa: E402
-from ring_attention.balance import score_pairs  # noqa: E402
+from ring_attention.cost import score_pairs  # noqa: E402
 
 HEADS, HEAD_DIM = 8, 64
 

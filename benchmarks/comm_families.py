@@ -7,7 +7,7 @@ that the bytes are those of the family alone), on P = 2, 4 and 8 gloo processes:
 all-gather (``comm="allgather"``), all-to-all over heads across all P ranks (``ulysses_size=P``) and the hybrid
 (``ulysses_size=2`` with the ring; from P = 4), for the dense pair (N, 1) and LongNet pairs (w / r = 1024). Every
 rank counts the bytes it receives (``lessons.harness.counting_received_bytes``); the script stops unless they
-equal the formulas of ``lessons/comm_volume.py`` exactly. All P processes share this machine's cores: the times
+equal the formulas of ``ring_attention.cost`` exactly. All P processes share this machine's cores: the times
 compare the families with one another, not with a GPU cluster. ``--quick`` runs N = 2048.
 """
 
@@ -24,10 +24,10 @@ import torch.distributed as dist  # noqa: E402
 from common import output_dir, parse_args, write_json  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from lessons.comm_volume import received_bytes  # noqa: E402
 from lessons.harness import counting_received_bytes  # noqa: E402
 from lessons.launch import run_on_ranks  # noqa: E402
 from ring_attention import ring_dilated_attention  # noqa: E402
+from ring_attention.cost import received_bytes  # noqa: E402
 
 HEADS, HEAD_DIM = 8, 64
 FAMILIES = {"ring": ("ring", lambda p: 1), "all-gather": ("allgather", lambda p: 1),
@@ -75,12 +75,12 @@ def main() -> None:
         per_rank = run_on_ranks(measure, world_size, seq_len, pairs, families, timeout=1800)
         for name in families:
             comm, ulysses = FAMILIES[name]
-            expected = received_bytes(comm, world_size, seq_len, *pairs, HEADS, HEADS, HEAD_DIM, 4,
-                                      ulysses(world_size))
+            expected = received_bytes(comm, world_size, seq_len, *pairs, HEADS, HEADS, HEAD_DIM, torch.float32,
+                                      ulysses_size=ulysses(world_size))
             counted = [r[name]["received_bytes"] for r in per_rank]
-            if any(c != expected for c in counted):
+            if counted != expected:
                 raise AssertionError(f"{config} P={world_size} {name}: counted {counted}, formula {expected}")
-            rows.append(dict(config=config, world_size=world_size, family=name, received_bytes=expected,
+            rows.append(dict(config=config, world_size=world_size, family=name, received_bytes=max(expected),
                              seconds=max(r[name]["seconds"] for r in per_rank)))
     write_json(out, "comm_families", dict(seq_len=seq_len, heads=HEADS, kv_heads=HEADS, head_dim=HEAD_DIM,
                                           dtype="float32", causal=False,

@@ -32,7 +32,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 import reference
 from lessons.harness import peak_memory, reset_peak_memory
 from ring_attention import RingMultiheadDilatedAttention, kernels, ring_dilated_attention
-from ring_attention.spanning import merge_partials
+from ring_attention.merge import merge_partials
 
 BF16_U = 2.0**-8
 KERNEL_TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 4 * BF16_U, torch.float16: 4 * 2.0**-11}

@@ -8,9 +8,10 @@ causal load balance off and on. Each rank counts the bytes it receives from othe
 (``lessons.harness.counting_received_bytes``) and the time it spends waiting on communication (by wrapping
 ``ring_attention.comm``). The forward's bytes must equal the formulas of docs/concepts.md: each spanning pair
 moves ``(G - 1) L / r`` tokens of K and V per rank and kv head; balanced, it also moves the halves of its
-selected rows that change rank (``ring_attention.balance.halves_received``: q, k, v into the zigzag order for
-the ring, q alone for the all-gather) and the output and log-sum-exp back; and every call's agreement check
-brings 10 integers from each other rank. The script stops if any rank's count differs. On this machine all P
+selected rows that change rank (q, k, v into the zigzag order for the ring, q alone for the all-gather) and the
+output and log-sum-exp back; and every call's agreement check brings 10 integers from each other rank. The
+forward's and the forward + backward's bytes must equal ``ring_attention.cost.received_bytes`` on every rank:
+the script stops otherwise. On this machine all P
 processes share the same cores, so the P-rank time includes that contention: the ratio is an upper bound
 of the overhead, not a speed-up measurement.
 """
@@ -29,12 +30,10 @@ from common import output_dir, parse_args, write_json  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 import ring_attention.comm as comm  # noqa: E402
-from lessons.comm_volume import agreement_check_bytes  # noqa: E402
 from lessons.harness import counting_received_bytes  # noqa: E402
 from lessons.launch import run_on_ranks  # noqa: E402
 from ring_attention import ring_dilated_attention  # noqa: E402
-from ring_attention.balance import balanced, halves_received  # noqa: E402
-from ring_attention.pattern import plan_pairs  # noqa: E402
+from ring_attention.cost import received_bytes  # noqa: E402
 
 HEADS, HEAD_DIM = 4, 64
 
@@ -85,46 +84,28 @@ def measure(rank: int, world_size: int, seq_len: int, mode: str, load_balance: b
     return dict(seconds=seconds, wait=waiting.seconds, forward_bytes=forward_bytes, total_bytes=total_bytes)
 
 
-def formula_forward_bytes(seq_len: int, world_size: int, rank: int, mode: str, load_balance: bool) -> int:
-    """The bytes ``rank`` receives in the forward, from docs/concepts.md, Communication: (G - 1) L / r tokens of
-    K and V per spanning pair and kv head; balanced, the halves of the re-laid rows (L / 2r tokens each) that
-    reach it from another rank: q, k, v (ring) or q (all-gather) into the zigzag order, the output and LSE back;
-    and the ranks' agreement check on their shards."""
-    segments, rates = pairs(seq_len)
-    shard = seq_len // world_size
-    total = agreement_check_bytes(world_size)
-    for layout in plan_pairs(seq_len, world_size, segments, rates, HEADS):
-        if not layout.spans_ranks:
-            continue
-        rows, me = shard // layout.rate, rank % layout.group_size
-        total += (layout.group_size - 1) * rows * HEADS * HEAD_DIM * 2 * 4  # K and V, float32
-        if balanced(layout, True, load_balance):
-            into = halves_received(me, layout.group_size, to_zigzag=True) * rows // 2
-            back = halves_received(me, layout.group_size, to_zigzag=False) * rows // 2
-            total += into * HEADS * HEAD_DIM * 4 * (3 if mode == "ring" else 1)  # q (, k, v)
-            total += back * HEADS * (HEAD_DIM + 1) * 4  # the output and its LSE, float32
-    return total
-
-
 def main() -> None:
     args = parse_args(__doc__)
     out = output_dir(args.quick)
     seq_len, world_sizes = (4096, [2, 4]) if args.quick else (16384, [2, 4, 8])
     single = run_on_ranks(measure, 1, seq_len, "ring")[0]
     rows = [dict(mode="one process", load_balance=False, world_size=1, seconds=single["seconds"], wait=0.0,
-                 forward_bytes=0, formula_forward_bytes=0, total_bytes=0, ratio=1.0)]
+                 forward_bytes=0, total_bytes=0, ratio=1.0)]
     cases = [(mode, balance) for mode in ("ring", "allgather") for balance in (False, True)]
     for mode, balance in tqdm(cases, desc="ring overhead"):
         for world_size in world_sizes:
             results = run_on_ranks(measure, world_size, seq_len, mode, balance)
-            expected = [formula_forward_bytes(seq_len, world_size, rank, mode, balance) for rank in range(world_size)]
-            if [r["forward_bytes"] for r in results] != expected:
-                raise AssertionError(f"{mode} balance={balance} P={world_size}: forward bytes "
-                                     f"{[r['forward_bytes'] for r in results]} differ from the formula {expected}")
+            for backward, key in ((False, "forward_bytes"), (True, "total_bytes")):
+                expected = received_bytes(mode, world_size, seq_len, *pairs(seq_len), HEADS, HEADS, HEAD_DIM,
+                                          torch.float32, causal=True, load_balance=balance, backward=backward)
+                if [r[key] for r in results] != expected:
+                    raise AssertionError(f"{mode} balance={balance} P={world_size}: {key} "
+                                         f"{[r[key] for r in results]} differ from the formula {expected}")
             seconds = max(r["seconds"] for r in results)
             rows.append(dict(mode=mode, load_balance=balance, world_size=world_size, seconds=seconds,
-                             wait=max(r["wait"] for r in results), forward_bytes=max(expected),
-                             formula_forward_bytes=max(expected), total_bytes=max(r["total_bytes"] for r in results),
+                             wait=max(r["wait"] for r in results),
+                             forward_bytes=max(r["forward_bytes"] for r in results),
+                             total_bytes=max(r["total_bytes"] for r in results),
                              ratio=seconds / single["seconds"]))
     write_json(out, "ring_overhead", dict(seq_len=seq_len, pairs=list(zip(*pairs(seq_len))), heads=HEADS,
                                           head_dim=HEAD_DIM, dtype="float32", causal=True, rows=rows))
@@ -145,9 +126,8 @@ def main() -> None:
     for r in rows:
         print(f"{r['mode']:>11} balanced={r['load_balance']!s:<5} P={r['world_size']}: {r['seconds']:.3f} s "
               f"(x{r['ratio']:.2f} of one process), "
-              f"waiting {r['wait']:.3f} s, forward {r['forward_bytes'] / 2**20:.2f} MiB received (most on a rank) "
-              f"(formula {r['formula_forward_bytes'] / 2**20:.2f}), "
-              f"forward+backward {r['total_bytes'] / 2**20:.2f} MiB")
+              f"waiting {r['wait']:.3f} s, forward {r['forward_bytes'] / 2**20:.2f} MiB received (most on a rank), "
+              f"forward+backward {r['total_bytes'] / 2**20:.2f} MiB (both = ring_attention.cost.received_bytes)")
 
 
 if __name__ == "__main__":

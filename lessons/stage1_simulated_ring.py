@@ -23,7 +23,8 @@ from collections.abc import Sequence
 
 import torch
 
-from ring_attention.pattern import gather_rows, plan_pairs, scatter_rows
+from ring_attention.merge import merge_partials
+from ring_attention.pattern import PairLayout, Selection, gather_rows, plan_pairs, scatter_rows, selection
 from ring_attention.validation import check_pairs, check_qkv, check_sequence_length, check_sharding
 
 
@@ -52,32 +53,24 @@ def block_attention(
     return out, lse.transpose(1, 2)
 
 
-def merge_partials(
-    out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor, lse_b: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Merge attention over key set A with attention over a disjoint key set B into attention over A ∪ B.
+def pair_selections(layout: PairLayout, device: torch.device | str = "cpu") -> tuple[Selection, ...]:
+    """A pair's heads grouped by how many positions they keep in a piece, one `Selection` per count.
 
-    Derivation, with ``Z_A = sum_{j in A} exp(s_j) = exp(lse_a)`` and ``out_a = sum_{j in A} exp(s_j) v_j / Z_A``:
-        Z = Z_A + Z_B                        so  lse = log(exp(lse_a) + exp(lse_b))
-        out = (Z_A out_a + Z_B out_b) / Z    so  out = exp(lse_a - lse) out_a + exp(lse_b - lse) out_b
-        subtract the larger lse before exp, so nothing overflows.
-    A row that saw no key in either part (``lse = -inf`` in both) stays ``out = 0, lse = -inf``; the
-    ``where`` calls choose safe values *before* exp/log so that neither pass nor its gradient makes NaN.
+    Heads whose offsets keep the same number of positions gather into one dense ``[B * pieces, n, h, D]``
+    tensor; when the piece is not a multiple of the rate (the paper's ``w = 16384, r = 6``), offsets keep
+    different counts and make separate selections.
     """
-    peak = torch.maximum(lse_a, lse_b)
-    empty = peak == -math.inf
-    peak = torch.where(empty, torch.zeros_like(peak), peak)
-    weight_a, weight_b = torch.exp(lse_a - peak), torch.exp(lse_b - peak)
-    total = torch.where(empty, torch.ones_like(peak), weight_a + weight_b)
-    out = (weight_a.unsqueeze(-1) * out_a + weight_b.unsqueeze(-1) * out_b) / total.unsqueeze(-1)
-    lse = torch.where(empty, torch.full_like(peak, -math.inf), peak + torch.log(total))
-    return out, lse
+    by_count: dict[int, list[int]] = {}
+    for h in layout.heads:
+        by_count.setdefault(len(range(h % layout.rate, layout.piece_length, layout.rate)), []).append(h)
+    return tuple(selection(heads, layout.rate, layout.piece_length, 1, 0, torch.device(device))
+                 for _, heads in sorted(by_count.items()))
 
 
-def merge_into(
+def merge_rows(
     acc_out: torch.Tensor,
     acc_lse: torch.Tensor,
-    piece: int,
+    piece_length: int,
     positions: torch.Tensor,
     heads: torch.Tensor,
     out: torch.Tensor,
@@ -85,10 +78,11 @@ def merge_into(
 ) -> None:
     """Merge one selection's partial ``(out, lse)`` into a rank's running ``[B, L, H, D]``/``[B, L, H]`` result."""
     merged_out, merged_lse = merge_partials(
-        gather_rows(acc_out, piece, positions, heads), gather_rows(acc_lse, piece, positions, heads), out, lse
+        gather_rows(acc_out, piece_length, positions, heads), gather_rows(acc_lse, piece_length, positions, heads),
+        out, lse,
     )
-    scatter_rows(acc_out, piece, positions, heads, merged_out)
-    scatter_rows(acc_lse, piece, positions, heads, merged_lse)
+    scatter_rows(acc_out, piece_length, positions, heads, merged_out)
+    scatter_rows(acc_lse, piece_length, positions, heads, merged_lse)
 
 
 def ring_pass(
@@ -176,16 +170,16 @@ def simulated_ring_dilated_attention(
     acc_out = [q.new_zeros(batch, shard, num_heads, head_dim, dtype=acc) for _ in range(world_size)]
     acc_lse = [q.new_full((batch, shard, num_heads), -math.inf, dtype=acc) for _ in range(world_size)]
     for layout in layouts:
-        for sel in layout.selections:
+        for sel in pair_selections(layout, q.device):
             # each rank's dilated rows: [B * pieces, n, h, D]
-            q_dil = [gather_rows(x, layout.piece, sel.q_positions, sel.q_heads) for x in q_shards]
-            k_dil = [gather_rows(x, layout.piece, sel.kv_positions, sel.kv_heads) for x in k_shards]
-            v_dil = [gather_rows(x, layout.piece, sel.kv_positions, sel.kv_heads) for x in v_shards]
+            q_dil = [gather_rows(x, layout.piece_length, sel.q_positions, sel.q_heads) for x in q_shards]
+            k_dil = [gather_rows(x, layout.piece_length, sel.kv_positions, sel.kv_heads) for x in k_shards]
+            v_dil = [gather_rows(x, layout.piece_length, sel.kv_positions, sel.kv_heads) for x in v_shards]
             for first in range(0, world_size, layout.group_size):
                 group = range(first, first + layout.group_size)
                 partials = ring_pass(
                     [q_dil[p] for p in group], [(k_dil[p], v_dil[p]) for p in group], causal=causal, scale=scale
                 )
                 for p, (out, lse) in zip(group, partials):
-                    merge_into(acc_out[p], acc_lse[p], layout.piece, sel.q_positions, sel.q_heads, out, lse)
+                    merge_rows(acc_out[p], acc_lse[p], layout.piece_length, sel.q_positions, sel.q_heads, out, lse)
     return torch.cat(acc_out, dim=1).to(q.dtype)

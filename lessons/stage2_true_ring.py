@@ -23,7 +23,13 @@ from collections.abc import Sequence
 import torch
 import torch.distributed as dist
 
-from lessons.stage1_simulated_ring import accumulation_dtype, block_attention, merge_into, merge_partials
+from lessons.stage1_simulated_ring import (
+    accumulation_dtype,
+    block_attention,
+    merge_partials,
+    merge_rows,
+    pair_selections,
+)
 from ring_attention.comm import check_same_shards
 from ring_attention.pattern import PairLayout, accumulate_rows, gather_rows, plan_pairs
 from ring_attention.validation import check_qkv
@@ -129,14 +135,14 @@ class _RingDilatedAttention(torch.autograd.Function):
         out = q.new_zeros(batch, shard, heads, head_dim, dtype=acc)  # [B, L, H, D]
         lse = q.new_full((batch, shard, heads), -math.inf, dtype=acc)  # [B, L, H]
         for layout in layouts:
-            for sel in layout.selections:
-                q_dil = gather_rows(q, layout.piece, sel.q_positions, sel.q_heads)  # [B * pieces, n, h, D]
-                k_dil, v_dil = (gather_rows(t, layout.piece, sel.kv_positions, sel.kv_heads) for t in (k, v))
+            for sel in pair_selections(layout, q.device):
+                q_dil = gather_rows(q, layout.piece_length, sel.q_positions, sel.q_heads)  # [B * pieces, n, h, D]
+                k_dil, v_dil = (gather_rows(t, layout.piece_length, sel.kv_positions, sel.kv_heads) for t in (k, v))
                 if layout.spans_ranks:
                     o, s = ring_forward(q_dil, k_dil, v_dil, layout, rank, causal=causal, scale=scale, group=group)
                 else:
                     o, s = block_attention(q_dil, k_dil, v_dil, causal=causal, scale=scale)
-                merge_into(out, lse, layout.piece, sel.q_positions, sel.q_heads, o, s)
+                merge_rows(out, lse, layout.piece_length, sel.q_positions, sel.q_heads, o, s)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.layouts, ctx.causal, ctx.scale, ctx.group = layouts, causal, scale, group
         return out.to(q.dtype)
@@ -148,10 +154,11 @@ class _RingDilatedAttention(torch.autograd.Function):
         acc = accumulation_dtype(q.dtype)
         dq, dk, dv = (torch.zeros_like(t, dtype=acc) for t in (q, k, v))
         for layout in ctx.layouts:
-            for sel in layout.selections:
-                q_rows = [gather_rows(t, layout.piece, sel.q_positions, sel.q_heads) for t in (dout, q, out, lse)]
-                k_dil, v_dil = (gather_rows(t, layout.piece, sel.kv_positions, sel.kv_heads) for t in (k, v))
-                dout_dil, q_dil, out_dil, lse_dil = q_rows
+            for sel in pair_selections(layout, q.device):
+                dout_dil, q_dil, out_dil, lse_dil = (
+                    gather_rows(t, layout.piece_length, sel.q_positions, sel.q_heads) for t in (dout, q, out, lse)
+                )
+                k_dil, v_dil = (gather_rows(t, layout.piece_length, sel.kv_positions, sel.kv_heads) for t in (k, v))
                 kw = dict(causal=ctx.causal, scale=ctx.scale)
                 if layout.spans_ranks:
                     grads = ring_backward(
@@ -159,9 +166,9 @@ class _RingDilatedAttention(torch.autograd.Function):
                     )
                 else:
                     grads = block_attention_backward(dout_dil, q_dil, k_dil, v_dil, out_dil, lse_dil, **kw)
-                accumulate_rows(dq, layout.piece, sel.q_positions, sel.q_heads, grads[0])
-                accumulate_rows(dk, layout.piece, sel.kv_positions, sel.kv_heads, grads[1])
-                accumulate_rows(dv, layout.piece, sel.kv_positions, sel.kv_heads, grads[2])
+                accumulate_rows(dq, layout.piece_length, sel.q_positions, sel.q_heads, grads[0])
+                accumulate_rows(dk, layout.piece_length, sel.kv_positions, sel.kv_heads, grads[1])
+                accumulate_rows(dv, layout.piece_length, sel.kv_positions, sel.kv_heads, grads[2])
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None
 
 

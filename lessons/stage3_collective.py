@@ -22,7 +22,13 @@ from collections.abc import Sequence
 import torch
 import torch.distributed as dist
 
-from lessons.stage1_simulated_ring import accumulation_dtype, block_attention, merge_into, merge_partials
+from lessons.stage1_simulated_ring import (
+    accumulation_dtype,
+    block_attention,
+    merge_partials,
+    merge_rows,
+    pair_selections,
+)
 from ring_attention.comm import check_same_shards
 from ring_attention.pattern import PairLayout, gather_rows, plan_pairs
 from ring_attention.validation import check_qkv
@@ -105,13 +111,13 @@ def ring_dilated_attention(
     out = q.new_zeros(batch, shard, heads, head_dim, dtype=acc)  # [B, L, H, D]
     lse = q.new_full((batch, shard, heads), -math.inf, dtype=acc)  # [B, L, H]
     for layout in layouts:
-        for sel in layout.selections:
-            q_dil = gather_rows(q, layout.piece, sel.q_positions, sel.q_heads)  # [B * pieces, n, h, D]
-            k_dil, v_dil = (gather_rows(t, layout.piece, sel.kv_positions, sel.kv_heads) for t in (k, v))
+        for sel in pair_selections(layout, q.device):
+            q_dil = gather_rows(q, layout.piece_length, sel.q_positions, sel.q_heads)  # [B * pieces, n, h, D]
+            k_dil, v_dil = (gather_rows(t, layout.piece_length, sel.kv_positions, sel.kv_heads) for t in (k, v))
             if layout.spans_ranks:
                 kv_blocks = AllGather.apply(torch.stack([k_dil, v_dil]), segment_process_group(layout, rank, group))
                 o, s = attend_gathered(q_dil, kv_blocks, rank % layout.group_size, causal=causal, scale=scale)
             else:
                 o, s = block_attention(q_dil, k_dil, v_dil, causal=causal, scale=scale)
-            merge_into(out, lse, layout.piece, sel.q_positions, sel.q_heads, o, s)
+            merge_rows(out, lse, layout.piece_length, sel.q_positions, sel.q_heads, o, s)
     return out.to(q.dtype)

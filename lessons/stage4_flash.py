@@ -36,7 +36,7 @@ from contextlib import contextmanager
 import torch
 import torch.distributed as dist
 
-from lessons.stage1_simulated_ring import accumulation_dtype, merge_into, merge_partials
+from lessons.stage1_simulated_ring import accumulation_dtype, merge_partials, merge_rows, pair_selections
 from lessons.stage2_true_ring import ring_neighbours
 from ring_attention.comm import check_same_shards, finish_exchange, start_exchange
 from ring_attention.kernels import block_attention, block_attention_backward, select_backend
@@ -110,15 +110,15 @@ class _FlashRingDilatedAttention(torch.autograd.Function):
         lse = q.new_full((batch, shard, heads), -math.inf, dtype=acc)  # [B, L, H]
         kw = dict(causal=causal, scale=scale, backend=backend)
         for layout in layouts:
-            for sel in layout.selections:
-                q_dil = gather_rows(q, layout.piece, sel.q_positions, sel.q_heads)  # [B * pieces, n, h, D]
-                k_dil, v_dil = (gather_rows(t, layout.piece, sel.kv_positions, sel.kv_heads) for t in (k, v))
+            for sel in pair_selections(layout, q.device):
+                q_dil = gather_rows(q, layout.piece_length, sel.q_positions, sel.q_heads)  # [B * pieces, n, h, D]
+                k_dil, v_dil = (gather_rows(t, layout.piece_length, sel.kv_positions, sel.kv_heads) for t in (k, v))
                 if layout.spans_ranks:
                     o, s = ring_forward(q_dil, k_dil, v_dil, layout, rank, group=group, overlap=overlap,
                                         timeline=timeline, **kw)
                 else:
                     o, s = block_attention(q_dil, k_dil, v_dil, **kw)
-                merge_into(out, lse, layout.piece, sel.q_positions, sel.q_heads, o.to(acc), s.to(acc))
+                merge_rows(out, lse, layout.piece_length, sel.q_positions, sel.q_heads, o.to(acc), s.to(acc))
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.options = dict(layouts=layouts, group=group, overlap=overlap, timeline=timeline, **kw)
         return out.to(q.dtype)
@@ -132,19 +132,19 @@ class _FlashRingDilatedAttention(torch.autograd.Function):
         acc = accumulation_dtype(q.dtype)
         dq, dk, dv = (torch.zeros_like(t, dtype=acc) for t in (q, k, v))
         for layout in layouts:
-            for sel in layout.selections:
+            for sel in pair_selections(layout, q.device):
                 dout_dil, q_dil, out_dil, lse_dil = (
-                    gather_rows(t, layout.piece, sel.q_positions, sel.q_heads) for t in (dout, q, out, lse)
+                    gather_rows(t, layout.piece_length, sel.q_positions, sel.q_heads) for t in (dout, q, out, lse)
                 )
-                k_dil, v_dil = (gather_rows(t, layout.piece, sel.kv_positions, sel.kv_heads) for t in (k, v))
+                k_dil, v_dil = (gather_rows(t, layout.piece_length, sel.kv_positions, sel.kv_heads) for t in (k, v))
                 if layout.spans_ranks:
                     grads = ring_backward(dout_dil, q_dil, k_dil, v_dil, out_dil, lse_dil, layout, rank, group=group,
                                           overlap=overlap, timeline=timeline, **opts)
                 else:
                     grads = block_attention_backward(dout_dil, q_dil, k_dil, v_dil, out_dil, lse_dil, **opts)
-                accumulate_rows(dq, layout.piece, sel.q_positions, sel.q_heads, grads[0])
-                accumulate_rows(dk, layout.piece, sel.kv_positions, sel.kv_heads, grads[1])
-                accumulate_rows(dv, layout.piece, sel.kv_positions, sel.kv_heads, grads[2])
+                accumulate_rows(dq, layout.piece_length, sel.q_positions, sel.q_heads, grads[0])
+                accumulate_rows(dk, layout.piece_length, sel.kv_positions, sel.kv_heads, grads[1])
+                accumulate_rows(dv, layout.piece_length, sel.kv_positions, sel.kv_heads, grads[2])
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), *([None] * 7)
 
 

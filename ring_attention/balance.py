@@ -14,7 +14,7 @@ returns:
   against the gathered keys (`gathered_blocks`).
 
 A pair whose rank holds an odd number of rows per head cannot be cut in two halves; it keeps the unbalanced
-schedule. `score_pairs` counts what each rank's kernels compute, from the same schedules.
+schedule. `ring_attention.cost.score_pairs` counts what each rank's kernels compute, from the same schedules.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from ring_attention import comm as C
-from ring_attention.pattern import PairLayout, plan_pairs
+from ring_attention.pattern import PairLayout
 
 
 @dataclass(frozen=True)
@@ -39,7 +39,7 @@ class Block:
 
 def balanced(layout: PairLayout, causal: bool, load_balance: bool) -> bool:
     """Whether the pair is re-laid: spanning, causal, asked for, and ``L / r`` rows that split in two halves."""
-    return load_balance and causal and layout.spans_ranks and (layout.piece // layout.rate) % 2 == 0
+    return load_balance and causal and layout.spans_ranks and (layout.piece_length // layout.rate) % 2 == 0
 
 
 def ring_blocks(me: int, size: int, step: int, rows: int, causal: bool, balance: bool) -> list[Block]:
@@ -88,7 +88,7 @@ def relayout(tensors: Sequence[torch.Tensor], members: Sequence[int], me: int, g
     rank holds chunks ``2 me`` and ``2 me + 1`` (its two halves); in zigzag order chunks ``me`` and
     ``2 size - 1 - me``. Halves that stay are copied; the others travel in one batch of messages.
     """
-    wanted, given = _moves(me, len(members), to_zigzag)
+    wanted, given = relayout_moves(me, len(members), to_zigzag)
     outputs, sends, receives = [], [], []
     for t in tensors:
         halves = t.chunk(2, dim=1)
@@ -101,7 +101,7 @@ def relayout(tensors: Sequence[torch.Tensor], members: Sequence[int], me: int, g
     return [torch.cat(halves, dim=1) for halves in outputs]
 
 
-def _moves(me: int, size: int, to_zigzag: bool) -> tuple[list[tuple[int, int]], list[int]]:
+def relayout_moves(me: int, size: int, to_zigzag: bool) -> tuple[list[tuple[int, int]], list[int]]:
     """For each half this rank ends with, (the segment-group index holding it, that rank's half); and for each
     half it holds, the index it goes to."""
     zigzag = (me, 2 * size - 1 - me)
@@ -110,52 +110,3 @@ def _moves(me: int, size: int, to_zigzag: bool) -> tuple[list[tuple[int, int]], 
     if to_zigzag:
         return in_zigzag, [dst for dst, _ in in_sequence]
     return in_sequence, [dst for dst, _ in in_zigzag]
-
-
-def halves_received(me: int, size: int, to_zigzag: bool) -> int:
-    """How many halves of a row block rank ``me`` receives from another rank in one `relayout` (0, 1 or 2)."""
-    return sum(src != me for src, _ in _moves(me, size, to_zigzag)[0])
-
-
-def score_pairs(
-    seq_len: int,
-    world_size: int,
-    segment_lengths: Sequence[int],
-    dilation_rates: Sequence[int],
-    num_heads: int,
-    *,
-    causal: bool = True,
-    head_mode: str = "all",
-    num_kv_heads: int | None = None,
-    comm: str = "ring",
-    load_balance: bool = True,
-) -> list[int]:
-    """(query, key) score pairs each rank's kernels compute per batch row, forward: the per-rank work.
-
-    Counted from the plan and the same schedules the core runs: a causal diagonal block of ``n`` rows counts
-    ``n (n + 1) / 2``, any other block its full rectangle.
-    """
-    layouts = plan_pairs(seq_len, world_size, segment_lengths, dilation_rates, num_heads, head_mode, num_kv_heads)
-    shard = seq_len // world_size
-
-    def block_pairs(block: Block) -> int:
-        n, m = block.q.stop - block.q.start, block.k.stop - block.k.start
-        return n * (n + 1) // 2 if block.causal else n * m
-
-    work = []
-    for rank in range(world_size):
-        total = 0
-        for layout in layouts:
-            heads = sum(view.heads for view in layout.views)
-            if not layout.spans_ranks:
-                for view in layout.views:
-                    n = view.count
-                    total += (shard // layout.piece) * view.heads * (n * (n + 1) // 2 if causal else n * n)
-                continue
-            me, size, rows = rank % layout.group_size, layout.group_size, shard // layout.rate
-            balance = balanced(layout, causal, load_balance)
-            blocks = (gathered_blocks(me, size, rows, causal, balance) if comm == "allgather" else
-                      [b for step in range(size) for b in ring_blocks(me, size, step, rows, causal, balance)])
-            total += heads * sum(block_pairs(b) for b in blocks)
-        work.append(total)
-    return work

@@ -25,16 +25,17 @@ import torch.distributed as dist
 
 from ring_attention import comm as C
 from ring_attention.kernels import block_attention, block_attention_backward, lse_dtype, select_backend
+from ring_attention.merge import merge_into, merge_partials
 from ring_attention.pattern import (
     PairLayout,
     accumulate_rows,
+    as_row_viewable,
     gather_rows,
     plan_pairs,
     row_view,
     scatter_rows,
-    viewable,
 )
-from ring_attention.spanning import Attend, SpanningPair, merge_into, merge_partials
+from ring_attention.spanning import BlockKernel, SpanningPair
 from ring_attention.ulysses import AllToAll, check_ulysses_size, ulysses_groups
 from ring_attention.validation import check_pairs, check_qkv
 
@@ -42,120 +43,109 @@ COMM_MODES = ("ring", "allgather")
 _CHUNKS = 4  # a local pair's kernel calls per view, at most: bounds each call's outputs to ~1/4 of the shard
 
 
-class _Context:
-    """Everything one call needs besides tensors: layout, group, and how blocks are computed."""
+class AttentionCall:
+    """Everything one call needs besides tensors: the pairs' layouts, the group, and how blocks are computed."""
 
-    def __init__(self, layouts: list[PairLayout], group, causal: bool, scale: float, backend: str, comm_mode: str,
-                 load_balance: bool):
-        self.layouts, self.group, self.comm_mode, self.load_balance = layouts, group, comm_mode, load_balance
-        self.attend = Attend(causal, scale, backend)
+    def __init__(self, layouts: list[PairLayout], group, kernel: BlockKernel, comm_mode: str, load_balance: bool):
+        self.layouts, self.group, self.kernel = layouts, group, kernel
+        self.comm_mode, self.load_balance = comm_mode, load_balance
         self.rank, _ = C.group_rank_and_size(group)
 
-    def local_forward(self, q, k, v, out, lse, layout: PairLayout, first: bool) -> None:
-        """A local pair, view by view; ``first``: the rows hold nothing yet, so results are written, not merged."""
-        a = self.attend
+    def spanning_pair(self, layout: PairLayout) -> SpanningPair:
+        return SpanningPair(self.kernel, self.comm_mode, self.group, self.rank, layout, self.load_balance)
+
+    def local_forward(self, q, k, v, out, lse, layout: PairLayout) -> None:
+        """A local pair, view by view: each kernel call's result merged straight into the rows' running result."""
         for rows in _view_chunks(layout, q):
-            o, s = block_attention(rows(q), rows(k, True), rows(v, True), causal=a.causal, scale=a.scale,
-                                   backend=a.backend)
-            if first:
-                rows(out).copy_(o)
-                rows(lse).copy_(s)
-            else:
-                merge_into(rows(out), rows(lse), o.to(out.dtype), s)
+            part_out, part_lse = block_attention(rows(q), rows(k, True), rows(v, True), causal=self.kernel.causal,
+                                                 scale=self.kernel.scale, backend=self.kernel.backend)
+            merge_into(rows(out), rows(lse), part_out.to(out.dtype), part_lse)
 
-    def spanning_forward(self, q, k, v, out, lse, layout: PairLayout, first: bool) -> None:
-        """A spanning pair: its rows gathered into blocks, computed across the segment group, scattered back."""
-        (sel,) = layout.selections  # L % r == 0: every head keeps L / r rows, one selection
-        q_rows = (layout.piece, sel.q_positions, sel.q_heads)
-        kv_rows = (layout.piece, sel.kv_positions, sel.kv_heads)
-        pair = SpanningPair(self.attend, self.comm_mode, self.group, self.rank, layout, sel, self.load_balance)
-        o, s = pair.forward(gather_rows(q, *q_rows), gather_rows(k, *kv_rows), gather_rows(v, *kv_rows))
-        if not first:
-            o, s = merge_partials(gather_rows(out, *q_rows), gather_rows(lse, *q_rows), o, s)
-        scatter_rows(out, *q_rows, o)
-        scatter_rows(lse, *q_rows, s)
+    def spanning_forward(self, q, k, v, out, lse, layout: PairLayout):
+        """A spanning pair: its rows gathered into blocks, computed across the segment group, merged back.
+        Returns what its backward keeps."""
+        sel = layout.span_rows
+        q_rows, kv_rows = (layout.piece_length, sel.q_positions, sel.q_heads), (layout.piece_length,
+                                                                                 sel.kv_positions, sel.kv_heads)
+        part_out, part_lse, kept = self.spanning_pair(layout).forward(
+            gather_rows(q, *q_rows), gather_rows(k, *kv_rows), gather_rows(v, *kv_rows))
+        merged_out, merged_lse = merge_partials(gather_rows(out, *q_rows), gather_rows(lse, *q_rows), part_out,
+                                                part_lse)
+        scatter_rows(out, *q_rows, merged_out)
+        scatter_rows(lse, *q_rows, merged_lse)
+        return kept
 
-    def local_backward(self, dout, q, k, v, out, lse, dq, dk, dv, layout: PairLayout, first: bool) -> None:
-        """A local pair, view by view; ``first``: the gradients are written, not added (a covering first pair)."""
-        a = self.attend
+    def local_backward(self, dout, q, k, v, out, lse, grads, layout: PairLayout) -> None:
+        """A local pair, view by view: the kernels' gradients added into ``grads`` (dq, dk, dv) through the views."""
         for rows in _view_chunks(layout, q):
-            grads = block_attention_backward(rows(dout), rows(q), rows(k, True), rows(v, True), rows(out), rows(lse),
-                                             causal=a.causal, scale=a.scale, backend=a.backend)
-            for acc, grad, kv in zip((dq, dk, dv), grads, (False, True, True)):
-                if first:
-                    rows(acc, kv).copy_(grad)
-                else:
-                    rows(acc, kv).add_(grad)
+            block_grads = block_attention_backward(
+                rows(dout), rows(q), rows(k, True), rows(v, True), rows(out), rows(lse), causal=self.kernel.causal,
+                scale=self.kernel.scale, backend=self.kernel.backend)
+            for grad, block_grad, kv in zip(grads, block_grads, (False, True, True)):
+                rows(grad, kv).add_(block_grad)
 
-    def spanning_backward(self, dout, q, k, v, out, lse, dq, dk, dv, layout: PairLayout, first: bool) -> None:
-        (sel,) = layout.selections
-        q_rows = (layout.piece, sel.q_positions, sel.q_heads)
-        kv_rows = (layout.piece, sel.kv_positions, sel.kv_heads)
-        pair = SpanningPair(self.attend, self.comm_mode, self.group, self.rank, layout, sel, self.load_balance)
-        dout_, q_, out_, lse_ = (gather_rows(t, *q_rows) for t in (dout, q, out, lse))  # [B, n, h, ...]
-        grads = pair.backward(dout_, q_, gather_rows(k, *kv_rows), gather_rows(v, *kv_rows), out_, lse_)
-        accumulate_rows(dq, *q_rows, grads[0])
-        accumulate_rows(dk, *kv_rows, grads[1])
-        accumulate_rows(dv, *kv_rows, grads[2])
+    def spanning_backward(self, dout, q, k, v, out, lse, grads, layout: PairLayout, kept) -> None:
+        sel = layout.span_rows
+        q_rows, kv_rows = (layout.piece_length, sel.q_positions, sel.q_heads), (layout.piece_length,
+                                                                                 sel.kv_positions, sel.kv_heads)
+        dout_rows, q_dil, out_rows, lse_rows = (gather_rows(t, *q_rows) for t in (dout, q, out, lse))  # [B, n, h, ...]
+        block_grads = self.spanning_pair(layout).backward(
+            dout_rows, q_dil, gather_rows(k, *kv_rows), gather_rows(v, *kv_rows), out_rows, lse_rows, kept)
+        for grad, block_grad, rows in zip(grads, block_grads, (q_rows, kv_rows, kv_rows)):
+            accumulate_rows(grad, *rows, block_grad)
 
 
 def _view_chunks(layout: PairLayout, x: torch.Tensor):
     """``rows(t, kv=False)`` for each kernel call of a local pair on tensors shaped like ``x`` [B, L, ...]: every
-    view, cut along its ``B L / piece`` pieces into at most `_CHUNKS` calls, so that a call's outputs and
+    view, cut along its ``B L / piece_length`` pieces into at most `_CHUNKS` calls, so that a call's outputs and
     gradients stay a fraction of the shard's size."""
-    pieces = x.shape[0] * (x.shape[1] // layout.piece)
+    pieces = x.shape[0] * (x.shape[1] // layout.piece_length)
     step = -(-pieces // _CHUNKS)
     for view in layout.views:
         for start in range(0, pieces, step):
             def rows(t, kv=False, view=view, start=start):
-                return row_view(t, layout.piece, layout.rate, view, kv)[start: start + step]  # [pieces, n, h, ...]
+                view_rows = row_view(t, layout.piece_length, layout.rate, view, kv)  # [pieces, count, heads, ...]
+                return view_rows[start: start + step]
 
             yield rows
 
 
 class _DilatedAttention(torch.autograd.Function):
     @staticmethod
-    def forward(fctx, q, k, v, ctx: _Context):
+    def forward(fctx, q, k, v, call: AttentionCall):
         batch, shard, heads, head_dim = q.shape
-        acc = lse_dtype(q.dtype)
-        if _covers(ctx.layouts[0], heads):  # the first pair writes every row once: nothing to initialise
-            out = q.new_empty(batch, shard, heads, head_dim, dtype=acc)  # [B, L, H, D]
-            lse = q.new_empty(batch, shard, heads, dtype=acc)  # [B, L, H]
-        else:
-            out = q.new_zeros(batch, shard, heads, head_dim, dtype=acc)
-            lse = q.new_full((batch, shard, heads), -math.inf, dtype=acc)
-        for i, layout in enumerate(ctx.layouts):
+        acc_dtype = lse_dtype(q.dtype)
+        out = q.new_zeros(batch, shard, heads, head_dim, dtype=acc_dtype)  # [B, L, H, D]
+        lse = q.new_full((batch, shard, heads), -math.inf, dtype=acc_dtype)  # [B, L, H]: no key seen yet
+        kept = {}
+        for layout in call.layouts:
             if not layout.views:  # head groups split over ranks (ulysses_size > 1): none of this pair's heads here
                 continue
-            compute = ctx.spanning_forward if layout.spans_ranks else ctx.local_forward
-            compute(q, k, v, out, lse, layout, first=i == 0)
+            if layout.spans_ranks:
+                kept[layout.index] = call.spanning_forward(q, k, v, out, lse, layout)
+            else:
+                call.local_forward(q, k, v, out, lse, layout)
         result = out.to(q.dtype)
         fctx.save_for_backward(q, k, v, result, lse)  # the output in the input dtype: what the kernels take
-        fctx.ctx = ctx
+        fctx.call, fctx.kept = call, kept
         return result
 
     @staticmethod
     def backward(fctx, dout):
         q, k, v, out, lse = fctx.saved_tensors
-        ctx: _Context = fctx.ctx
-        acc = lse_dtype(q.dtype)
-        written = _covers(ctx.layouts[0], q.shape[2]) and not ctx.layouts[0].spans_ranks
-        new = torch.empty if written else torch.zeros
-        dq, dk, dv = (new(t.shape, dtype=acc, device=t.device) for t in (q, k, v))  # contiguous
-        dout = viewable(dout)
+        call: AttentionCall = fctx.call
+        acc_dtype = lse_dtype(q.dtype)
+        grads = [torch.zeros(t.shape, dtype=acc_dtype, device=t.device) for t in (q, k, v)]  # dq, dk, dv
+        dout = as_row_viewable(dout)
         with _autocast_off(q.device.type):
-            for i, layout in enumerate(ctx.layouts):
+            for layout in call.layouts:
                 if not layout.views:
                     continue
-                compute = ctx.spanning_backward if layout.spans_ranks else ctx.local_backward
-                compute(dout, q, k, v, out, lse, dq, dk, dv, layout, first=written and i == 0)
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None
-
-
-def _covers(layout: PairLayout, heads: int) -> bool:
-    """Whether ``layout`` keeps every row of every head exactly once, in one view: rate 1, all heads, no
-    grouped-query members (which would each hold the kv rows)."""
-    return layout.rate == 1 and len(layout.views) == 1 and layout.views[0].heads == heads
+                if layout.spans_ranks:
+                    call.spanning_backward(dout, q, k, v, out, lse, grads, layout, fctx.kept[layout.index])
+                else:
+                    call.local_backward(dout, q, k, v, out, lse, grads, layout)
+        return *(grad.to(t.dtype) for grad, t in zip(grads, (q, k, v))), None
 
 
 def _autocast_off(device_type: str) -> contextlib.AbstractContextManager:
@@ -248,9 +238,9 @@ def ring_dilated_attention(
     pairs_size = size // ulysses_size
     layouts = _plan(shard * size, pairs_size, tuple(segment_lengths), tuple(dilation_rates), heads, head_mode,
                     kv_heads, q.device, local_heads)
-    ctx = _Context(layouts, pairs_group, causal, scale or 1.0 / math.sqrt(head_dim), select_backend(backend, q), comm,
-                   load_balance)
-    q, k, v = viewable(q), viewable(k), viewable(v)  # rows are read through strided views
+    kernel = BlockKernel(causal, scale or 1.0 / math.sqrt(head_dim), select_backend(backend, q))
+    call = AttentionCall(layouts, pairs_group, kernel, comm, load_balance)
+    q, k, v = (as_row_viewable(t) for t in (q, k, v))  # rows are read through strided views
     with _autocast_off(device_type):
-        out = _DilatedAttention.apply(q, k, v, ctx)
+        out = _DilatedAttention.apply(q, k, v, call)
     return AllToAll.apply(out, sub, False) if ulysses_size > 1 else out  # this rank's rows, every head

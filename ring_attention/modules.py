@@ -35,6 +35,7 @@ class RingDilatedAttention(nn.Module):
         comm: ``"ring"`` or ``"allgather"``.
         backend: kernel backend, ``"auto"`` by default.
         load_balance: balance the causal work of pairs whose segments span ranks (see `ring_dilated_attention`).
+        ulysses_size: all-to-all over heads in sub-groups of this many ranks first (see `ring_dilated_attention`).
     """
 
     def __init__(
@@ -48,11 +49,12 @@ class RingDilatedAttention(nn.Module):
         comm: str = "ring",
         backend: str = "auto",
         load_balance: bool = True,
+        ulysses_size: int = 1,
     ) -> None:
         super().__init__()
         self.segment_lengths, self.dilation_rates = list(segment_lengths), list(dilation_rates)
         self.causal, self.head_mode, self.process_group = causal, head_mode, process_group
-        self.comm, self.backend, self.load_balance = comm, backend, load_balance
+        self.comm, self.backend, self.load_balance, self.ulysses_size = comm, backend, load_balance, ulysses_size
 
     def __deepcopy__(self, memo: dict) -> RingDilatedAttention:
         # a process group is a handle to communicators, not data: copies of a layer (``nn.TransformerEncoder``
@@ -68,13 +70,13 @@ class RingDilatedAttention(nn.Module):
         return ring_dilated_attention(
             q, k, v, self.segment_lengths, self.dilation_rates, causal=self.causal if causal is None else causal,
             head_mode=self.head_mode, group=self.process_group, comm=self.comm, backend=self.backend,
-            load_balance=self.load_balance,
+            load_balance=self.load_balance, ulysses_size=self.ulysses_size,
         )
 
     def extra_repr(self) -> str:
         return (f"segment_lengths={self.segment_lengths}, dilation_rates={self.dilation_rates}, causal={self.causal}, "
                 f"head_mode={self.head_mode!r}, comm={self.comm!r}, backend={self.backend!r}, "
-                f"load_balance={self.load_balance}")
+                f"load_balance={self.load_balance}, ulysses_size={self.ulysses_size}")
 
 
 class RingMultiheadDilatedAttention(nn.Module):
@@ -110,6 +112,8 @@ class RingMultiheadDilatedAttention(nn.Module):
         comm: ``"ring"`` or ``"allgather"``.
         backend: kernel backend, ``"auto"`` by default.
         load_balance: balance the causal work of pairs whose segments span ranks (see `ring_dilated_attention`).
+        ulysses_size: all-to-all over heads in sub-groups of this many ranks first (see `ring_dilated_attention`);
+            it must divide ``num_heads`` and ``num_kv_heads``.
     """
 
     # PyTorch's Transformer layers read this attribute of their ``self_attn``: when it is True they may skip
@@ -142,6 +146,7 @@ class RingMultiheadDilatedAttention(nn.Module):
         comm: str = "ring",
         backend: str = "auto",
         load_balance: bool = True,
+        ulysses_size: int = 1,
     ) -> None:
         super().__init__()
         if dropout != 0.0:
@@ -184,7 +189,7 @@ class RingMultiheadDilatedAttention(nn.Module):
         self.inner_norm = nn.LayerNorm(embed_dim, **factory) if sub_layer_norm else None
         self.attention = RingDilatedAttention(
             segment_lengths, dilation_rates, causal=causal, head_mode=head_mode, process_group=process_group,
-            comm=comm, backend=backend, load_balance=load_balance,
+            comm=comm, backend=backend, load_balance=load_balance, ulysses_size=ulysses_size,
         )
         self._reset_parameters()
 

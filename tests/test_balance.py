@@ -8,7 +8,8 @@ from helpers import rel_err
 
 import reference
 from lessons.launch import run_on_ranks
-from ring_attention.balance import gathered_blocks, ring_blocks, score_pairs
+from ring_attention.balance import gathered_blocks, ring_blocks
+from ring_attention.cost import score_pairs
 
 
 def covered(blocks_per_rank, size, rows, chunk_of):

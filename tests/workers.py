@@ -130,3 +130,26 @@ def balance_checks(rank, world_size, q, k, v):
     shards = [t.chunk(world_size, dim=1)[rank] for t in (q, k, v)]
     odd = ring_attention.ring_dilated_attention(*shards, [24, 96], [1, 8], causal=True, group=dist.group.WORLD)
     return {"zigzag": zigzag.flatten(), "round trip": back.flatten(), "odd rows": odd}
+
+
+def counted_bytes(rank, world_size, cases):
+    """Bytes this rank receives in the forward and in forward + backward of each case (``ring_dilated_attention``
+    keywords plus ``seq_len``, ``pairs``, ``heads``, ``kv_heads``, ``dtype``), counted on the real messages."""
+    import ring_attention
+    from lessons.harness import counting_received_bytes
+
+    results = []
+    for case in cases:
+        case = dict(case)
+        seq_len, (segments, rates), dtype = case.pop("seq_len"), case.pop("pairs"), case.pop("dtype")
+        heads, kv_heads = case.pop("heads"), case.pop("kv_heads")
+        gen = torch.Generator().manual_seed(rank)
+        shard = seq_len // world_size
+        q, k, v = (torch.randn(2, shard, h, 8, generator=gen).to(dtype).requires_grad_(True)
+                   for h in (heads, kv_heads, kv_heads))
+        with counting_received_bytes() as received:
+            out = ring_attention.ring_dilated_attention(q, k, v, segments, rates, group=dist.group.WORLD, **case)
+            forward = received["bytes"]
+            torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
+        results.append((forward, received["bytes"]))
+    return results

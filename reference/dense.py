@@ -11,13 +11,7 @@ from collections.abc import Sequence
 
 import torch
 
-from ring_attention.validation import (
-    check_head_mode,
-    check_pairs,
-    check_qkv,
-    check_sequence_length,
-    warn_uncovered,
-)
+from ring_attention.validation import check_cu_seqlens, check_head_mode, check_pairs, check_qkv, warn_uncovered
 
 
 def _lse_and_weights(scores: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -89,20 +83,23 @@ def dilation_mask(
     causal: bool = False,
     head_mode: str = "all",
     num_kv_heads: int | None = None,
+    cu_seqlens: Sequence[int] | None = None,
 ) -> torch.Tensor:
     """Which keys each query sees, per pair: a boolean ``[num_pairs, H, N, N]`` tensor.
 
-    ``mask[i, h, a, b]`` is ``True`` when pair ``i`` lets query ``a`` of head ``h`` attend key ``b``:
-    both in the same segment of length ``min(w_i, N)``, both at a position ``t`` (counted from the segment
-    start) with ``t % r_i == o``, the head takes pair ``i``, and (causal) ``b <= a``. The offset ``o`` is that
-    of the head's kv head, ``(h // (num_heads / num_kv_heads)) % r_i`` (grouped-query attention), which is
-    ``h % r_i`` without it. The combined ``[H, N, N]`` pattern of all pairs is ``mask.any(0)``;
-    ``mask.sum(0)`` counts the pairs holding each (query, key) couple, which is how much that key weighs in
-    the merged softmax.
+    ``mask[i, h, a, b]`` is ``True`` when pair ``i`` lets query ``a`` of head ``h`` attend key ``b``. The sequence
+    is cut into documents at ``cu_seqlens`` (one document of length ``N`` by default), and each document into
+    segments of length ``w_i`` counted from its own start (the last one, the *tail*, may be shorter; a segment
+    longer than the document is the whole document). ``a`` and ``b`` must lie in the same segment of the same
+    document, both at a position ``t`` (counted from the segment start) with ``t % r_i == o``, the head takes pair
+    ``i``, and (causal) ``b <= a``. The offset ``o`` is that of the head's kv head,
+    ``(h // (num_heads / num_kv_heads)) % r_i`` (grouped-query attention), which is ``h % r_i`` without it. The
+    combined ``[H, N, N]`` pattern of all pairs is ``mask.any(0)``; ``mask.sum(0)`` counts the pairs holding each
+    (query, key) couple, which is how much that key weighs in the merged softmax.
     """
     check_pairs(segment_lengths, dilation_rates)
-    check_sequence_length(seq_len, segment_lengths)
     check_head_mode(head_mode, num_heads, len(segment_lengths))
+    (bounds,) = check_cu_seqlens([0, seq_len] if cu_seqlens is None else cu_seqlens, seq_len, 1)
     num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
     if num_heads % num_kv_heads != 0:
         raise ValueError(f"num_kv_heads={num_kv_heads} must divide num_heads={num_heads}")
@@ -110,12 +107,14 @@ def dilation_mask(
     num_pairs = len(segment_lengths)
     heads_of_pair = [range(num_heads)] * num_pairs if head_mode == "all" else head_groups(num_heads, num_pairs)
     pos = torch.arange(seq_len)
+    document = torch.bucketize(pos, torch.tensor(bounds[1:]), right=True)  # [N]: which document holds each token
+    in_document = pos - torch.tensor(bounds)[document]  # [N]: position counted from the document's start
     masks = torch.zeros(num_pairs, num_heads, seq_len, seq_len, dtype=torch.bool)
     for i, (w, r) in enumerate(zip(segment_lengths, dilation_rates)):
-        w = min(w, seq_len)
-        same_segment = (pos[:, None] // w) == (pos[None, :] // w)
+        segment = document * seq_len + in_document // w  # [N]: a segment id, unique over documents
+        same_segment = segment[:, None] == segment[None, :]
         for h in heads_of_pair[i]:
-            selected = (pos % w) % r == (h // heads_per_kv) % r
+            selected = (in_document % w) % r == (h // heads_per_kv) % r
             masks[i, h] = same_segment & selected[:, None] & selected[None, :]
     if causal:
         masks &= torch.ones(seq_len, seq_len, dtype=torch.bool).tril()
@@ -146,6 +145,7 @@ def dilated_attention(
     *,
     causal: bool = False,
     head_mode: str = "all",
+    cu_seqlens=None,
     return_lse: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """LongNet dilated attention, dense: one masked attention per pair, merged by log-sum-exp (Eq. 10).
@@ -160,15 +160,19 @@ def dilated_attention(
         dilation_rates: the dilation rate ``r_i`` of each pair.
         causal: a query attends only to keys at or before its position.
         head_mode: ``"all"`` (every head takes every pair) or ``"groups"`` (head group i takes pair i).
+        cu_seqlens: document boundaries ``[0, ..., N]`` shared by every row, or a list with one per row (see
+            `dilation_mask`); ``None`` is one document of length ``N``. Any ``N`` works: a document's last segment
+            may be shorter than ``w_i``.
         return_lse: also return the merged log-sum-exp ``[B, N, H]``.
     """
     check_qkv(q, k, v, allow_gqa=True)
     check_pairs(segment_lengths, dilation_rates)
     warn_uncovered(dilation_rates)
-    heads, kv_heads = q.shape[2], k.shape[2]
-    masks = dilation_mask(
-        q.shape[1], segment_lengths, dilation_rates, heads, causal=causal, head_mode=head_mode, num_kv_heads=kv_heads
-    ).to(q.device)
+    batch, seq_len, heads, kv_heads = *q.shape[:3], k.shape[2]
+    rows = check_cu_seqlens([0, seq_len] if cu_seqlens is None else cu_seqlens, seq_len, batch, q.device)
+    masks = torch.stack([dilation_mask(seq_len, segment_lengths, dilation_rates, heads, causal=causal,
+                                       head_mode=head_mode, num_kv_heads=kv_heads, cu_seqlens=bounds)
+                         for bounds in rows], dim=1).to(q.device)  # [pairs, 1 or B, H, N, N]
     k, v = (t.repeat_interleave(heads // kv_heads, dim=2) for t in (k, v))  # kv head j serves query heads j*g ...
     partials = [attention(q, k, v, mask, return_lse=True) for mask in masks]
     out, lse = merge_partials([o for o, _ in partials], [s for _, s in partials])

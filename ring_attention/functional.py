@@ -1,16 +1,17 @@
 """The functional core: exact dilated attention on this rank's shard of a sequence.
 
 One ``torch.autograd.Function`` computes every pair of the operator with the fused kernels of
-`ring_attention.kernels` and merges the pieces by their log-sum-exp in float32 (float64 for float64 input):
+`ring_attention.kernels` and merges the pieces by their log-sum-exp in float32 (float64 for float64 input). A call
+is a list of *parts*, each computing some pairs' rows and merging them into the running output and LSE:
 
-- a pair whose segments fit in a shard (a *local* pair) is computed on strided views of the ``[B, L, H, D]``
-  tensors (`ring_attention.pattern.row_view`): no row is copied, and each kernel's output is merged straight
-  into the output through the same views;
-- a pair whose segments span ranks gathers its kept rows into dense blocks, which travel by ring or
-  all-gather (`ring_attention.spanning`).
+- when every pair's segments tile the sequence and the shards (`ring_attention.validation.tiles_shards`), a pair
+  whose segments fit in a shard is computed on strided views, and one whose segments span ranks gathers its kept
+  rows into blocks that travel by ring or all-gather (`ring_attention.tiled`);
+- otherwise (packed documents, ``cu_seqlens``, or any other length) each document is segmented from its own start:
+  whole segments are strided views again, shorter ones variable-length blocks (`ring_attention.documents`).
 
-The backward recomputes every block through the kernels' backward from the saved inputs and the rows'
-global output and LSE, so only O(L) activations are kept, and accumulates dq, dk, dv through the same views.
+The backward recomputes every block through the kernels' backward from the saved inputs and the rows' global output
+and LSE, so only O(L) activations are kept, and accumulates dq, dk, dv part by part.
 """
 
 from __future__ import annotations
@@ -24,127 +25,39 @@ import torch
 import torch.distributed as dist
 
 from ring_attention import comm as C
-from ring_attention.kernels import block_attention, block_attention_backward, lse_dtype, select_backend
-from ring_attention.merge import merge_into, merge_partials
-from ring_attention.pattern import (
-    PairLayout,
-    accumulate_rows,
-    as_row_viewable,
-    gather_rows,
-    plan_pairs,
-    row_view,
-    scatter_rows,
-)
-from ring_attention.spanning import BlockKernel, SpanningPair
+from ring_attention.documents import LocalPieces, plan_documents
+from ring_attention.kernels import lse_dtype, select_backend
+from ring_attention.pattern import as_row_viewable, plan_pairs
+from ring_attention.spanning import BlockKernel
+from ring_attention.tiled import tiled_parts
 from ring_attention.ulysses import AllToAll, check_ulysses_size, ulysses_groups
-from ring_attention.validation import check_pairs, check_qkv
+from ring_attention.validation import check_cu_seqlens, check_pairs, check_qkv, tiles_shards
 
 COMM_MODES = ("ring", "allgather")
-_CHUNKS = 4  # a local pair's kernel calls per view, at most: bounds each call's outputs to ~1/4 of the shard
-
-
-class AttentionCall:
-    """Everything one call needs besides tensors: the pairs' layouts, the group, and how blocks are computed."""
-
-    def __init__(self, layouts: list[PairLayout], group, kernel: BlockKernel, comm_mode: str, load_balance: bool):
-        self.layouts, self.group, self.kernel = layouts, group, kernel
-        self.comm_mode, self.load_balance = comm_mode, load_balance
-        self.rank, _ = C.group_rank_and_size(group)
-
-    def spanning_pair(self, layout: PairLayout) -> SpanningPair:
-        return SpanningPair(self.kernel, self.comm_mode, self.group, self.rank, layout, self.load_balance)
-
-    def local_forward(self, q, k, v, out, lse, layout: PairLayout) -> None:
-        """A local pair, view by view: each kernel call's result merged straight into the rows' running result."""
-        for rows in _view_chunks(layout, q):
-            part_out, part_lse = block_attention(rows(q), rows(k, True), rows(v, True), causal=self.kernel.causal,
-                                                 scale=self.kernel.scale, backend=self.kernel.backend)
-            merge_into(rows(out), rows(lse), part_out.to(out.dtype), part_lse)
-
-    def spanning_forward(self, q, k, v, out, lse, layout: PairLayout):
-        """A spanning pair: its rows gathered into blocks, computed across the segment group, merged back.
-        Returns what its backward keeps."""
-        sel = layout.span_rows
-        q_rows, kv_rows = (layout.piece_length, sel.q_positions, sel.q_heads), (layout.piece_length,
-                                                                                 sel.kv_positions, sel.kv_heads)
-        part_out, part_lse, kept = self.spanning_pair(layout).forward(
-            gather_rows(q, *q_rows), gather_rows(k, *kv_rows), gather_rows(v, *kv_rows))
-        merged_out, merged_lse = merge_partials(gather_rows(out, *q_rows), gather_rows(lse, *q_rows), part_out,
-                                                part_lse)
-        scatter_rows(out, *q_rows, merged_out)
-        scatter_rows(lse, *q_rows, merged_lse)
-        return kept
-
-    def local_backward(self, dout, q, k, v, out, lse, grads, layout: PairLayout) -> None:
-        """A local pair, view by view: the kernels' gradients added into ``grads`` (dq, dk, dv) through the views."""
-        for rows in _view_chunks(layout, q):
-            block_grads = block_attention_backward(
-                rows(dout), rows(q), rows(k, True), rows(v, True), rows(out), rows(lse), causal=self.kernel.causal,
-                scale=self.kernel.scale, backend=self.kernel.backend)
-            for grad, block_grad, kv in zip(grads, block_grads, (False, True, True)):
-                rows(grad, kv).add_(block_grad)
-
-    def spanning_backward(self, dout, q, k, v, out, lse, grads, layout: PairLayout, kept) -> None:
-        sel = layout.span_rows
-        q_rows, kv_rows = (layout.piece_length, sel.q_positions, sel.q_heads), (layout.piece_length,
-                                                                                 sel.kv_positions, sel.kv_heads)
-        dout_rows, q_dil, out_rows, lse_rows = (gather_rows(t, *q_rows) for t in (dout, q, out, lse))  # [B, n, h, ...]
-        block_grads = self.spanning_pair(layout).backward(
-            dout_rows, q_dil, gather_rows(k, *kv_rows), gather_rows(v, *kv_rows), out_rows, lse_rows, kept)
-        for grad, block_grad, rows in zip(grads, block_grads, (q_rows, kv_rows, kv_rows)):
-            accumulate_rows(grad, *rows, block_grad)
-
-
-def _view_chunks(layout: PairLayout, x: torch.Tensor):
-    """``rows(t, kv=False)`` for each kernel call of a local pair on tensors shaped like ``x`` [B, L, ...]: every
-    view, cut along its ``B L / piece_length`` pieces into at most `_CHUNKS` calls, so that a call's outputs and
-    gradients stay a fraction of the shard's size."""
-    pieces = x.shape[0] * (x.shape[1] // layout.piece_length)
-    step = -(-pieces // _CHUNKS)
-    for view in layout.views:
-        for start in range(0, pieces, step):
-            def rows(t, kv=False, view=view, start=start):
-                view_rows = row_view(t, layout.piece_length, layout.rate, view, kv)  # [pieces, count, heads, ...]
-                return view_rows[start: start + step]
-
-            yield rows
 
 
 class _DilatedAttention(torch.autograd.Function):
     @staticmethod
-    def forward(fctx, q, k, v, call: AttentionCall):
+    def forward(fctx, q, k, v, parts: list):
         batch, shard, heads, head_dim = q.shape
         acc_dtype = lse_dtype(q.dtype)
         out = q.new_zeros(batch, shard, heads, head_dim, dtype=acc_dtype)  # [B, L, H, D]
         lse = q.new_full((batch, shard, heads), -math.inf, dtype=acc_dtype)  # [B, L, H]: no key seen yet
-        kept = {}
-        for layout in call.layouts:
-            if not layout.views:  # head groups split over ranks (ulysses_size > 1): none of this pair's heads here
-                continue
-            if layout.spans_ranks:
-                kept[layout.index] = call.spanning_forward(q, k, v, out, lse, layout)
-            else:
-                call.local_forward(q, k, v, out, lse, layout)
+        kept = [part.forward(q, k, v, out, lse) for part in parts]
         result = out.to(q.dtype)
         fctx.save_for_backward(q, k, v, result, lse)  # the output in the input dtype: what the kernels take
-        fctx.call, fctx.kept = call, kept
+        fctx.parts, fctx.kept = parts, kept
         return result
 
     @staticmethod
     def backward(fctx, dout):
         q, k, v, out, lse = fctx.saved_tensors
-        call: AttentionCall = fctx.call
         acc_dtype = lse_dtype(q.dtype)
         grads = [torch.zeros(t.shape, dtype=acc_dtype, device=t.device) for t in (q, k, v)]  # dq, dk, dv
         dout = as_row_viewable(dout)
         with _autocast_off(q.device.type):
-            for layout in call.layouts:
-                if not layout.views:
-                    continue
-                if layout.spans_ranks:
-                    call.spanning_backward(dout, q, k, v, out, lse, grads, layout, fctx.kept[layout.index])
-                else:
-                    call.local_backward(dout, q, k, v, out, lse, grads, layout)
+            for part, kept in zip(fctx.parts, fctx.kept):
+                part.backward(dout, q, k, v, out, lse, grads, kept)
         return *(grad.to(t.dtype) for grad, t in zip(grads, (q, k, v))), None
 
 
@@ -162,6 +75,15 @@ def _plan(seq_len, size, segment_lengths, dilation_rates, heads, head_mode, kv_h
                       num_kv_heads=kv_heads, device=device, local_heads=local_heads)
 
 
+@functools.lru_cache(maxsize=8)
+def _document_plan(rows, seq_len, size, rank, segment_lengths, dilation_rates, heads, head_mode, kv_heads, batch,
+                   causal, device, local_heads):
+    # every layer of a model sees the same documents in a step: plan them once (the plans hold index tensors)
+    return plan_documents(rows, seq_len, size, rank, segment_lengths, dilation_rates, num_heads=heads,
+                          num_kv_heads=kv_heads, head_mode=head_mode, batch=batch, causal=causal, device=device,
+                          local_heads=local_heads)
+
+
 def ring_dilated_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -177,6 +99,7 @@ def ring_dilated_attention(
     scale: float | None = None,
     load_balance: bool = True,
     ulysses_size: int = 1,
+    cu_seqlens=None,
 ) -> torch.Tensor:
     """Dilated attention (LongNet) of this rank's ``[B, L, H, D]`` shard; returns this rank's output rows.
 
@@ -205,6 +128,13 @@ def ring_dilated_attention(
             consecutive ranks swaps sequence shards for head shards, and the pairs run across the sub-groups
             on blocks of ``U L`` tokens. ``U`` must divide the group size, ``heads`` and ``kv_heads``; ``U`` equal
             to the group size is all-to-all alone. The user's layout does not change.
+        cu_seqlens: document boundaries over the whole (global) sequence, ``[0 = b_0 < b_1 < ... < b_m = N]``, as
+            flash-attn's ``cu_seqlens``: a 1-D integer tensor (on the CPU or q's device) or sequence of ints shared
+            by every batch row, or a list with one per row. No query attends across a boundary, and each document
+            is segmented from its own start: its last segment may be shorter than ``w`` (a *tail*), which gives
+            exactly what padding the document to a multiple of ``w`` with unseen keys would. Each document's rows
+            are what it would get alone (packing invariance). ``None``: one document of length ``N``, which may
+            be any length.
 
     fp16/bf16 inputs run the kernels in their dtype and merge in float32; the output has the input dtype.
     Under ``torch.autocast`` float32 inputs are cast to the autocast dtype first.
@@ -235,12 +165,22 @@ def ring_dilated_attention(
         part = dist.get_rank(sub)
         local_heads = range(part * heads // ulysses_size, (part + 1) * heads // ulysses_size)
         q, k, v = (AllToAll.apply(t, sub, True) for t in (q, k, v))  # [B, U L, H / U, D]
-    pairs_size = size // ulysses_size
-    layouts = _plan(shard * size, pairs_size, tuple(segment_lengths), tuple(dilation_rates), heads, head_mode,
-                    kv_heads, q.device, local_heads)
+    seq_len, pairs_size = shard * size, size // ulysses_size
+    rows = None if cu_seqlens is None else check_cu_seqlens(cu_seqlens, seq_len, batch, q.device)
+    pairs = tuple(segment_lengths), tuple(dilation_rates)
     kernel = BlockKernel(causal, scale or 1.0 / math.sqrt(head_dim), select_backend(backend, q))
-    call = AttentionCall(layouts, pairs_group, kernel, comm, load_balance)
+    pairs_rank = C.group_rank_and_size(pairs_group)[0]
+    if (rows is None or all(bounds == (0, seq_len) for bounds in rows)) and tiles_shards(seq_len, pairs_size, *pairs):
+        layouts = _plan(seq_len, pairs_size, *pairs, heads, head_mode, kv_heads, q.device, local_heads)
+        parts = tiled_parts(layouts, kernel, comm, pairs_group, pairs_rank, load_balance)
+    else:
+        if pairs_size > 1:
+            raise NotImplementedError("documents across ranks are not supported yet")
+        rows = rows or ((0, seq_len),)
+        plans = _document_plan(rows, seq_len, pairs_size, pairs_rank, *pairs, heads, head_mode, kv_heads,
+                               q.shape[0], causal, q.device, local_heads)
+        parts = [LocalPieces(plan, kernel) for plan in plans]
     q, k, v = (as_row_viewable(t) for t in (q, k, v))  # rows are read through strided views
     with _autocast_off(device_type):
-        out = _DilatedAttention.apply(q, k, v, call)
+        out = _DilatedAttention.apply(q, k, v, parts)
     return AllToAll.apply(out, sub, False) if ulysses_size > 1 else out  # this rank's rows, every head

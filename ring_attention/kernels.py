@@ -141,10 +141,12 @@ def _heads_first(*blocks: torch.Tensor) -> list[torch.Tensor]:
 # --- the adapters: [B, L, H, D] blocks in, (out [B, L, H, D], lse [B, L, H]) or (dq, dk, dv) out ---------------
 
 
-def _math_forward(q, k, v, causal, scale):
+def _math_forward(q, k, v, causal, scale, key_mask=None):
     q, k, v = _heads_first(q, k, v)
     acc = lse_dtype(q.dtype)
     scores = torch.matmul(q.to(acc), k.to(acc).transpose(-1, -2)) * scale  # [B, H, Lq, Lk]
+    if key_mask is not None:
+        scores = scores + key_mask.to(acc)
     if causal:
         scores = scores.masked_fill(torch.ones_like(scores, dtype=torch.bool).triu(1), -math.inf)
     lse = torch.logsumexp(scores, dim=-1)  # [B, H, Lq]
@@ -152,10 +154,12 @@ def _math_forward(q, k, v, causal, scale):
     return out.transpose(1, 2), lse.transpose(1, 2)
 
 
-def _math_backward(dout, q, k, v, out, lse, causal, scale):
+def _math_backward(dout, q, k, v, out, lse, causal, scale, key_mask=None):
     acc, dtype = lse_dtype(q.dtype), q.dtype
     dout, q, k, v, out = (t.to(acc) for t in _heads_first(dout, q, k, v, out))
     scores = torch.matmul(q, k.transpose(-1, -2)) * scale
+    if key_mask is not None:
+        scores = scores + key_mask.to(acc)
     if causal:
         scores = scores.masked_fill(torch.ones_like(scores, dtype=torch.bool).triu(1), -math.inf)
     probs = torch.exp(scores - lse.transpose(1, 2).unsqueeze(-1).to(acc))  # this block's share of the row's softmax
@@ -166,25 +170,26 @@ def _math_backward(dout, q, k, v, out, lse, causal, scale):
     return tuple(g.to(dtype).transpose(1, 2) for g in grads)
 
 
-def _cpu_flash_forward(q, k, v, causal, scale):
-    out, lse = _ops._scaled_dot_product_flash_attention_for_cpu(*_heads_first(q, k, v), 0.0, causal, scale=scale)
+def _cpu_flash_forward(q, k, v, causal, scale, key_mask=None):
+    out, lse = _ops._scaled_dot_product_flash_attention_for_cpu(*_heads_first(q, k, v), 0.0, causal,
+                                                                attn_mask=key_mask, scale=scale)
     return out.transpose(1, 2), lse.transpose(1, 2)
 
 
-def _cpu_flash_backward(dout, q, k, v, out, lse, causal, scale):
+def _cpu_flash_backward(dout, q, k, v, out, lse, causal, scale, key_mask=None):
     lse_h = lse.transpose(1, 2).to(lse_dtype(q.dtype)).contiguous()  # [B, H, Lq]
     grads = _ops._scaled_dot_product_flash_attention_for_cpu_backward(
-        *_heads_first(dout, q, k, v, out), lse_h, 0.0, causal, scale=scale
+        *_heads_first(dout, q, k, v, out), lse_h, 0.0, causal, attn_mask=key_mask, scale=scale
     )
     return tuple(g.transpose(1, 2) for g in grads)
 
 
-def _cuda_flash_forward(q, k, v, causal, scale):
+def _cuda_flash_forward(q, k, v, causal, scale, key_mask=None):
     out, lse = _ops._scaled_dot_product_flash_attention(*_heads_first(q, k, v), 0.0, causal, False, scale=scale)[:2]
     return out.transpose(1, 2), lse.transpose(1, 2)
 
 
-def _cuda_flash_backward(dout, q, k, v, out, lse, causal, scale):
+def _cuda_flash_backward(dout, q, k, v, out, lse, causal, scale, key_mask=None):
     # Pass what the dense forward returns. Its cumulative lengths are None: a defined tensor there, even an
     # empty one, selects the variable-length kernel. Its rng state ([2] and [] uint64) is never read without
     # dropout.
@@ -197,13 +202,20 @@ def _cuda_flash_backward(dout, q, k, v, out, lse, causal, scale):
     return tuple(g.transpose(1, 2) for g in grads)
 
 
-def _cuda_efficient_forward(q, k, v, causal, scale):
-    out, lse = _ops._scaled_dot_product_efficient_attention(*_heads_first(q, k, v), None, True, 0.0, causal,
+def _cuda_efficient_forward(q, k, v, causal, scale, key_mask=None):
+    bias = _efficient_bias(key_mask, q.shape[1])
+    out, lse = _ops._scaled_dot_product_efficient_attention(*_heads_first(q, k, v), bias, True, 0.0, causal,
                                                             scale=scale)[:2]
     return out.transpose(1, 2), lse[:, :, : q.shape[1]].transpose(1, 2)  # the LSE comes padded along the length
 
 
-def _cuda_efficient_backward(dout, q, k, v, out, lse, causal, scale):
+def _efficient_bias(key_mask: torch.Tensor | None, q_len: int) -> torch.Tensor | None:
+    # The kernel reads its bias [B, H, Lq, Lk] through strides, so a key mask [B, 1, 1, Lk] is broadcast, not
+    # copied; its key length must be a multiple of 16 (`varlen` pads the keys of such buckets to one).
+    return None if key_mask is None else key_mask.expand(key_mask.shape[0], 1, q_len, key_mask.shape[-1])
+
+
+def _cuda_efficient_backward(dout, q, k, v, out, lse, causal, scale, key_mask=None):
     # The kernel reads `out` with the row stride of a contiguous [B, L, H, D] tensor whatever its real strides
     # (it takes only out's batch and head strides), and wants the LSE as the forward returns it: [B, H, Lq]
     # padded along the length to a multiple of 32, so that its head and batch strides are multiples of 8.
@@ -213,7 +225,8 @@ def _cuda_efficient_backward(dout, q, k, v, out, lse, causal, scale):
     lse_h[:, :, :length] = lse.transpose(1, 2)
     seed, offset = q.new_empty((), dtype=torch.int64), q.new_empty((), dtype=torch.int64)  # unread without dropout
     grads = _ops._scaled_dot_product_efficient_attention_backward(
-        *_heads_first(dout, q, k, v), None, out.transpose(1, 2), lse_h, seed, offset, 0.0, [True, True, True, False],
+        *_heads_first(dout, q, k, v), _efficient_bias(key_mask, q.shape[1]), out.transpose(1, 2), lse_h, seed, offset,
+        0.0, [True, True, True, False],
         causal, scale=scale,
     )[:3]
     return tuple(g.transpose(1, 2) for g in grads)
@@ -229,7 +242,7 @@ def _flash_attn_call(fn: Callable, **values):
     return fn(**{name: values[name] for name in names if name in values})
 
 
-def _flash_attn_forward(q, k, v, causal, scale):
+def _flash_attn_forward(q, k, v, causal, scale, key_mask=None):
     forward = importlib.import_module("flash_attn.flash_attn_interface")._flash_attn_forward
     result = _flash_attn_call(forward, q=q, k=k, v=v, softmax_scale=scale, causal=causal, return_softmax=False)
     # 2.6 returns (out, q, k, v, out_padded, lse, S_dmask, rng_state); 2.7 and 2.8 (out, lse, S_dmask, rng_state)
@@ -237,7 +250,7 @@ def _flash_attn_forward(q, k, v, causal, scale):
     return result[0], lse.transpose(1, 2)  # lse [B, H, Lq] -> [B, Lq, H]
 
 
-def _flash_attn_backward(dout, q, k, v, out, lse, causal, scale):
+def _flash_attn_backward(dout, q, k, v, out, lse, causal, scale, key_mask=None):
     backward = importlib.import_module("flash_attn.flash_attn_interface")._flash_attn_backward
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     lse_h = lse.transpose(1, 2).float().contiguous()  # [B, H, Lq]
@@ -252,17 +265,36 @@ _BACKWARD = {"math": _math_backward, "cpu_flash": _cpu_flash_backward, "cuda_fla
              "cuda_efficient": _cuda_efficient_backward, "flash_attn": _flash_attn_backward}
 
 
+MASKED_BACKENDS = ("cuda_efficient", "cpu_flash", "math")  # the backends that take a key mask
+
+
+def _check_key_mask(backend: str, key_mask: torch.Tensor | None) -> None:
+    if key_mask is not None and backend not in MASKED_BACKENDS:
+        raise ValueError(f"backend {backend!r} takes no key mask; use one of {MASKED_BACKENDS} for padded blocks, or "
+                         f"its variable-length kernels (ring_attention.varlen)")
+
+
 def block_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, scale: float, backend: str = "auto"
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    causal: bool,
+    scale: float,
+    backend: str = "auto",
+    key_mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of a query block ``[B, Lq, H, D]`` to a key block ``[B, Lk, H, D]``.
 
     Returns ``out`` ``[B, Lq, H, D]`` in the input dtype and ``lse`` ``[B, Lq, H]`` (float32; float64 for
-    float64 input). ``causal`` means the diagonal block: square, query ``i`` sees keys ``0..i``.
+    float64 input). ``causal`` means the diagonal block: square, query ``i`` sees keys ``0..i``. ``key_mask``
+    (``[B, 1, 1, Lk]``, q's dtype, 0 or ``-inf``) hides padded keys; only `MASKED_BACKENDS` take it.
     """
     if causal and q.shape[1] != k.shape[1]:
         raise ValueError(f"a causal block must be square, got {q.shape[1]} queries and {k.shape[1]} keys")
-    return _FORWARD[select_backend(backend, q)](q, k, v, causal, scale)
+    backend = select_backend(backend, q)
+    _check_key_mask(backend, key_mask)
+    return _FORWARD[backend](q, k, v, causal, scale, key_mask)
 
 
 def block_attention_backward(
@@ -276,10 +308,14 @@ def block_attention_backward(
     causal: bool,
     scale: float,
     backend: str = "auto",
+    key_mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of one block given the rows' **global** ``out`` ``[B, Lq, H, D]`` and ``lse`` ``[B, Lq, H]``.
 
     Returns ``dq`` (this key block's share of the rows' gradient) and ``dk``, ``dv`` (this query block's
-    contribution to the key block's gradients), each shaped and typed like its input.
+    contribution to the key block's gradients), each shaped and typed like its input. ``key_mask`` as in
+    `block_attention`.
     """
-    return _BACKWARD[select_backend(backend, q)](dout, q, k, v, out.to(q.dtype), lse, causal, scale)
+    backend = select_backend(backend, q)
+    _check_key_mask(backend, key_mask)
+    return _BACKWARD[backend](dout, q, k, v, out.to(q.dtype), lse, causal, scale, key_mask)

@@ -10,7 +10,23 @@ import torch.nn.functional as F
 from torch import nn
 
 from ring_attention.comm import GroupLike
+from ring_attention.documents import padding_documents
 from ring_attention.functional import ring_dilated_attention
+from ring_attention.validation import check_cu_seqlens
+
+
+def padding_mask(key_padding_mask: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+    """``key_padding_mask`` as a boolean ``[batch, seq]`` mask, ``True`` at padding (PyTorch's meaning: a boolean
+    mask, or a float one holding 0 and ``-inf``)."""
+    if not isinstance(key_padding_mask, torch.Tensor) or tuple(key_padding_mask.shape) != tuple(shape):
+        got = tuple(key_padding_mask.shape) if isinstance(key_padding_mask, torch.Tensor) else key_padding_mask
+        raise ValueError(f"key_padding_mask must be a [batch, seq] = {list(shape)} tensor, got {got}")
+    if key_padding_mask.dtype == torch.bool:
+        return key_padding_mask
+    if key_padding_mask.is_floating_point() and bool(((key_padding_mask == 0) | key_padding_mask.isneginf()).all()):
+        return key_padding_mask.isneginf()
+    raise ValueError(f"key_padding_mask must be boolean (True at padding) or a float mask of 0 and -inf, got dtype "
+                     f"{key_padding_mask.dtype} with other values: an additive bias per key is not supported")
 
 
 def is_causal_mask(mask: torch.Tensor, length: int) -> bool:
@@ -66,11 +82,14 @@ class RingDilatedAttention(nn.Module):
         copied.__dict__.update({key: copy.deepcopy(value, memo) for key, value in self.__dict__.items()})
         return copied
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool | None = None) -> torch.Tensor:
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool | None = None,
+                cu_seqlens=None) -> torch.Tensor:
+        """`ring_dilated_attention` of ``[B, L, H, D]`` shards; ``causal`` overrides the module's for this call and
+        ``cu_seqlens`` gives the documents (boundaries over the global sequence)."""
         return ring_dilated_attention(
             q, k, v, self.segment_lengths, self.dilation_rates, causal=self.causal if causal is None else causal,
             head_mode=self.head_mode, group=self.process_group, comm=self.comm, backend=self.backend,
-            load_balance=self.load_balance, ulysses_size=self.ulysses_size,
+            load_balance=self.load_balance, ulysses_size=self.ulysses_size, cu_seqlens=cu_seqlens,
         )
 
     def extra_repr(self) -> str:
@@ -223,14 +242,22 @@ class RingMultiheadDilatedAttention(nn.Module):
         attn_mask: torch.Tensor | None = None,
         average_attn_weights: bool = True,
         is_causal: bool = False,
+        *,
+        cu_seqlens=None,
     ) -> tuple[torch.Tensor, None]:
         """Attention of ``query`` over ``key``/``value`` (this rank's slice of one sequence).
 
-        Returns ``(output, None)``: attention weights are never materialised. ``is_causal=True`` makes
-        this call causal (as does ``causal=True`` at construction). ``attn_mask`` may only be the causal
-        mask of this call's length (``nn.Transformer.generate_square_subsequent_mask``, float or boolean),
-        which also makes the call causal; any other mask raises ``NotImplementedError``.
-        ``average_attn_weights`` only matters with weights, and is accepted for signature compatibility.
+        Returns ``(output, None)``: attention weights are never materialised (``nn.MultiheadAttention`` returns
+        them by default; here ``need_weights=True`` raises). ``is_causal=True`` makes this call causal (as does
+        ``causal=True`` at construction). ``attn_mask`` may only be the causal mask of this call's length
+        (``nn.Transformer.generate_square_subsequent_mask``, float or boolean), which also makes the call causal;
+        any other mask raises ``NotImplementedError``. ``key_padding_mask`` (``[batch, seq]``, ``True`` or
+        ``-inf`` at padding) is honoured when each row's padding is at its end: the padding becomes a filler
+        document of that row, which no real token sees, and the output rows at padding are 0 (where
+        ``nn.MultiheadAttention`` returns the padded queries' attention to the real keys, which is normally
+        ignored); other masks raise ``ValueError``. ``cu_seqlens`` gives packed documents (see
+        `ring_dilated_attention`). ``average_attn_weights`` only matters with weights, and is accepted for
+        signature compatibility.
         """
         if need_weights:
             raise NotImplementedError(
@@ -244,22 +271,26 @@ class RingMultiheadDilatedAttention(nn.Module):
                     "causal=True (or is_causal=True) for causal attention"
                 )
             is_causal = True
-        if key_padding_mask is not None:
-            raise NotImplementedError(
-                "key_padding_mask is not supported: pad sequences to a multiple of the segment lengths and mask "
-                "the loss of the padded positions instead"
-            )
         if query.dim() != 3:
             raise ValueError(f"query must be 3-D ([seq, batch, embed] or batch_first), got shape {tuple(query.shape)}")
         if not self.batch_first:
             query, key, value = (x.transpose(0, 1) for x in (query, key, value))
+        padding = None
+        if key_padding_mask is not None:
+            padding = padding_mask(key_padding_mask, query.shape[:2])
+            rows = None if cu_seqlens is None else check_cu_seqlens(cu_seqlens, query.shape[1], query.shape[0],
+                                                                    query.device)
+            cu_seqlens = list(padding_documents(padding, rows, query.shape[1]))
         q, k, v = self._project(query, key, value)
         batch, length = q.shape[:2]
         q = q.reshape(batch, length, self.num_heads, self.head_dim)  # [B, L, H, D]
         k = k.reshape(batch, k.shape[1], self.num_kv_heads, self.head_dim)  # [B, L, H_kv, D]
         v = v.reshape(batch, v.shape[1], self.num_kv_heads, self.head_dim)
-        out = self.attention(q, k, v, causal=self.attention.causal or is_causal).reshape(batch, length, -1)
+        out = self.attention(q, k, v, causal=self.attention.causal or is_causal, cu_seqlens=cu_seqlens)
+        out = out.reshape(batch, length, -1)
         if self.inner_norm is not None:
             out = self.inner_norm(out)
         out = self.out_proj(out)
+        if padding is not None:
+            out = out.masked_fill(padding.unsqueeze(-1), 0)
         return (out if self.batch_first else out.transpose(0, 1)), None

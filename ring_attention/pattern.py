@@ -132,7 +132,9 @@ def row_views(
 
     by_offset, by_run = [], []
     for member in range(heads_per_kv):
-        kv_heads = sorted({h // heads_per_kv for h in heads if h % heads_per_kv == member})
+        # a head whose offset is past the piece's end keeps nothing (a segment cut shorter than its rate)
+        kv_heads = sorted({h // heads_per_kv for h in heads if h % heads_per_kv == member and count(
+            (h // heads_per_kv) % rate)})
         for offset in sorted({j % rate for j in kv_heads}):
             sharing = [j for j in kv_heads if j % rate == offset]  # consecutive kv heads r apart
             by_offset.append(RowView(
@@ -230,14 +232,19 @@ def as_row_viewable(x: torch.Tensor) -> torch.Tensor:
     return x if mergeable and 0 not in x.stride()[1:] and x.stride(-1) == 1 else x.contiguous()
 
 
-def row_view(x: torch.Tensor, piece_length: int, rate: int, view: RowView, kv: bool = False) -> torch.Tensor:
+def row_view(
+    x: torch.Tensor, piece_length: int, rate: int, view: RowView, kv: bool = False, *, start: int = 0,
+    pieces: int | None = None,
+) -> torch.Tensor:
     """The rows of ``view`` in ``x`` [B, L, H, ...] (query heads, or kv heads with ``kv``), as a
-    ``[B * L / piece_length, count, heads, ...]`` view sharing ``x``'s memory. ``x`` must be `as_row_viewable`'s."""
+    ``[pieces, count, heads, ...]`` view sharing ``x``'s memory: by default every piece of every batch row
+    (``B L / piece_length``; ``x`` must be `as_row_viewable`'s), or ``pieces`` consecutive pieces from token
+    ``start`` of a one-row ``x`` (a document's run of whole segments)."""
     batch, length = x.shape[:2]
     stride_l, stride_h = x.stride(1), x.stride(2)
     head, step = (view.kv_head, view.kv_step) if kv else (view.q_head, view.q_step)
     return x.as_strided(
-        (batch * (length // piece_length), view.count, view.heads, *x.shape[3:]),
+        (batch * (length // piece_length) if pieces is None else pieces, view.count, view.heads, *x.shape[3:]),
         (piece_length * stride_l, rate * stride_l, view.shift * stride_l + step * stride_h, *x.stride()[3:]),
-        x.storage_offset() + view.offset * stride_l + head * stride_h,
+        x.storage_offset() + (start + view.offset) * stride_l + head * stride_h,
     )

@@ -45,30 +45,33 @@ _DEVICE_TYPES = ("cpu", "cuda", "xpu", "mps", "hpu", "meta")
 def _describe(code: list[int]) -> str:
     dtype = _DTYPES[code[8]] if 0 <= code[8] < len(_DTYPES) else "another dtype"
     device = _DEVICE_TYPES[code[9]] if 0 <= code[9] < len(_DEVICE_TYPES) else "another device type"
-    return f"q {code[:4]} k {code[4:8]} {dtype} {device}"
+    documents = "" if code[10] == 0 else f" documents #{code[10]:x}"
+    return f"q {code[:4]} k {code[4:8]} {dtype} {device}{documents}"
 
 
-def check_same_shards(q: torch.Tensor, k: torch.Tensor, group: dist.ProcessGroup) -> None:
-    """Raise the same ``ValueError`` on every rank when the ranks' shards differ in shape, dtype or device type.
+def check_same_shards(q: torch.Tensor, k: torch.Tensor, group: dist.ProcessGroup, documents: int = 0) -> None:
+    """Raise the same ``ValueError`` on every rank when the ranks' shards differ in shape, dtype or device type, or
+    their documents (``documents``: a fingerprint of the ``cu_seqlens`` boundaries, 0 for none) differ.
 
-    Every later message assumes that all ranks send tensors of one size: a rank that disagreed would hang
-    in a receive, or read half of another rank's bytes. One small all-gather settles it first.
+    Every later message assumes that all ranks send tensors of one size and plan the same documents: a rank that
+    disagreed would hang in a receive, or read half of another rank's bytes. One small all-gather settles it first.
     """
     dtype = _DTYPES.index(q.dtype) if q.dtype in _DTYPES else -1
     device = _DEVICE_TYPES.index(q.device.type) if q.device.type in _DEVICE_TYPES else -1
-    mine = torch.tensor([*q.shape, *k.shape, dtype, device], device=q.device)
+    mine = torch.tensor([*q.shape, *k.shape, dtype, device, documents], device=q.device)
     codes = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
     dist.all_gather(codes, mine, group=group)
     if any(not torch.equal(c, codes[0]) for c in codes):
         listed = ", ".join(f"rank {r}: {_describe(c.tolist())}" for r, c in enumerate(codes))
         raise ValueError(
-            f"the q/k shards differ between the ranks of the sequence group ({listed}): every rank must pass "
-            f"its own equal-length slice of the same sequence, with the same dtype and device type"
+            f"the q/k shards or the cu_seqlens differ between the ranks of the sequence group ({listed}): every rank "
+            f"must pass its own equal-length slice of the same sequence, with the same dtype, device type and "
+            f"documents (cu_seqlens over the whole sequence, the same on every rank)"
         )
 
 
-def _post(sends: list[tuple[torch.Tensor, int]], receives: list[tuple[torch.Tensor, int]], group: dist.ProcessGroup):
-    """Post every ``(tensor, group rank)`` send and receive in one batch; returns the requests."""
+def post(sends: list[tuple[torch.Tensor, int]], receives: list[tuple[torch.Tensor, int]], group: dist.ProcessGroup):
+    """Post every ``(tensor, group rank)`` send and receive in one batch; returns the requests (wait on each)."""
     ops = [dist.P2POp(dist.isend, t.contiguous(), dist.get_global_rank(group, peer), group) for t, peer in sends]
     ops += [dist.P2POp(dist.irecv, t, dist.get_global_rank(group, peer), group) for t, peer in receives]
     return dist.batch_isend_irecv(ops) if ops else []
@@ -77,7 +80,7 @@ def _post(sends: list[tuple[torch.Tensor, int]], receives: list[tuple[torch.Tens
 def start_exchange(tensors: list[torch.Tensor], send_to: int, recv_from: int, group: dist.ProcessGroup):
     """Post sends to group rank ``send_to`` and receives from ``recv_from``; returns (buffers, requests)."""
     incoming = [torch.empty_like(t, memory_format=torch.contiguous_format) for t in tensors]
-    return incoming, _post([(t, send_to) for t in tensors], [(t, recv_from) for t in incoming], group)
+    return incoming, post([(t, send_to) for t in tensors], [(t, recv_from) for t in incoming], group)
 
 
 def finish_exchange(pending) -> list[torch.Tensor]:
@@ -94,7 +97,7 @@ def send_and_receive(sends: list[tuple[torch.Tensor, int]], receives: list[tuple
 
     Messages between two ranks are matched in the order they are posted: post them in the same order on both.
     """
-    for request in _post(sends, receives, group):
+    for request in post(sends, receives, group):
         request.wait()
 
 

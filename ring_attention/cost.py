@@ -24,7 +24,7 @@ per head on each rank, and one block ``b = n H_kv D`` (the keys, or the values, 
   (accumulator dtype) back; backward, dO and the row's *global* output (input dtype) and LSE into the zigzag order,
   and dq (and dk, dv for the ring) back, in the accumulator dtype. The forward's re-laid q, k, v are kept for the
   backward; its output and LSE cannot be: the backward needs each row's output merged over every pair;
-- every call checks that the ranks agree on their shards: 10 integers of 8 bytes from each other rank.
+- every call checks that the ranks agree on their shards and documents: 11 integers of 8 bytes from each other rank.
 
 **Work**: `score_pairs` counts the (query, key) scores each rank's kernels compute in the forward, from the
 schedules of `ring_attention.balance`: a causal diagonal block of ``n`` rows counts ``n (n + 1) / 2``.
@@ -37,15 +37,18 @@ from collections.abc import Sequence
 import torch
 
 from ring_attention.balance import Block, balanced, gathered_blocks, relayout_moves, ring_blocks
+from ring_attention.documents import plan_documents
 from ring_attention.kernels import lse_dtype
 from ring_attention.pattern import plan_pairs
+from ring_attention.streams import StreamPlan
+from ring_attention.validation import check_cu_seqlens, tiles_shards
 
-__all__ = ["agreement_check_bytes", "halves_received", "received_bytes", "score_pairs"]
+__all__ = ["agreement_check_bytes", "document_bytes", "halves_received", "received_bytes", "score_pairs"]
 
 
 def agreement_check_bytes(world_size: int) -> int:
-    """What one call's agreement check brings a rank: 10 integers of 8 bytes from each other rank."""
-    return 10 * 8 * (world_size - 1)
+    """What one call's agreement check brings a rank: 11 integers of 8 bytes from each other rank."""
+    return 11 * 8 * (world_size - 1)
 
 
 def halves_received(me: int, size: int, to_zigzag: bool) -> int:
@@ -71,16 +74,31 @@ def received_bytes(
     load_balance: bool = True,
     head_mode: str = "all",
     backward: bool = True,
+    cu_seqlens=None,
 ) -> list[int]:
     """Bytes each rank receives from the others in one call, forward (+ backward): one number per rank.
 
     ``family`` is ``"ring"`` or ``"allgather"`` (the pairs that span ranks), after an all-to-all over
-    ``ulysses_size`` ranks (1: none); ``dtype`` is the inputs' dtype, ``batch`` their batch size.
+    ``ulysses_size`` ranks (1: none); ``dtype`` is the inputs' dtype, ``batch`` their batch size. With documents
+    (``cu_seqlens``), or a length the segments do not tile, the bytes are read off the plan the core runs
+    (`document_bytes`).
     """
     u, e = ulysses_size, torch.empty((), dtype=dtype).element_size()
     a = torch.empty((), dtype=lse_dtype(dtype)).element_size()
     shard = seq_len // world_size
     all_to_all = batch * (u - 1) * shard * head_dim * e * (2 * num_heads + 2 * num_kv_heads) // u
+    rows = None if cu_seqlens is None else check_cu_seqlens(cu_seqlens, seq_len, batch)
+    if not ((rows is None or all(b == (0, seq_len) for b in rows))
+            and tiles_shards(seq_len, world_size // u, segment_lengths, dilation_rates)):
+        plans = [plan_documents(rows or ((0, seq_len),), seq_len, world_size // u, rank // u, segment_lengths,
+                                dilation_rates, num_heads=num_heads, num_kv_heads=num_kv_heads, head_mode=head_mode,
+                                batch=batch, causal=causal, device=torch.device("cpu"), comm_mode=family,
+                                load_balance=load_balance, local_heads=range(rank % u * num_heads // u,
+                                                                             (rank % u + 1) * num_heads // u))
+                 for rank in range(world_size)]
+        return [agreement_check_bytes(world_size) + all_to_all * (2 if backward else 1) + sum(
+            document_bytes(plan, head_dim, e, a, backward) for plan in rank_plans if isinstance(plan, StreamPlan))
+            for rank_plans in plans]
     per_part = [plan_pairs(seq_len, world_size // u, segment_lengths, dilation_rates, num_heads, head_mode,
                            num_kv_heads, local_heads=range(part * num_heads // u, (part + 1) * num_heads // u))
                 for part in range(u)]  # the heads a rank holds after the all-to-all: its part of the sub-group
@@ -105,6 +123,29 @@ def received_bytes(
                     total += into * heads * (2 * head_dim * e + a) + back * relaid * head_dim * a  # dO, out, LSE; dq...
         totals.append(agreement_check_bytes(world_size) + all_to_all * (2 if backward else 1) + batch * total)
     return totals
+
+
+def document_bytes(plan: StreamPlan, head_dim: int, element: int, accumulator: int, backward: bool) -> int:
+    """Bytes one rank receives for one pair's spanning pieces of documents, read off its plan
+    (`ring_attention.streams`): rows moved in for the tables (q; k, v) and the outputs and LSE moved back; the keys
+    gathered, or received at each ring step; in the backward dO, the global output and LSE moved in, the keys again
+    (ring) with their accumulators, the gathered keys' gradients returned (all-gather), and the gradients moved back."""
+    d, e, a = head_dim, element, accumulator
+    q_in = sum(len(rows) for rows in plan.q_moves.incoming.values())
+    q_back = sum(len(rows) for rows in plan.q_moves.outgoing.values())
+    k_in = sum(len(rows) for rows in plan.k_moves.incoming.values())
+    k_back = sum(len(rows) for rows in plan.k_moves.outgoing.values())
+    if plan.gathered is not None:
+        keys, returned = sum(plan.gathered.receive.values()), sum(len(r) for r in plan.gathered.send.values())
+        carried = 0
+    else:
+        keys, returned = sum(len(r) for step in plan.ring for r in step.receive.values()), 0
+        carried = sum(len(r) for step in plan.ring for r in step.accumulate_receive.values())
+    total = q_in * d * e + k_in * 2 * d * e + keys * 2 * d * e + q_back * (d + 1) * a
+    if backward:
+        total += q_in * (2 * d * e + a) + (0 if plan.gathered is not None else keys * 2 * d * e)
+        total += (returned + carried) * 2 * d * a + q_back * d * a + k_back * 2 * d * a
+    return total
 
 
 def score_pairs(

@@ -21,6 +21,7 @@ The plan is made host-side from the boundaries, the same on every rank, once per
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -29,6 +30,7 @@ import torch
 from ring_attention.kernels import block_attention, block_attention_backward
 from ring_attention.merge import merge_into
 from ring_attention.pattern import RowView, pair_heads, row_view, row_views
+from ring_attention.streams import plan_streams
 from ring_attention.validation import Boundaries, check_head_mode, check_pairs, warn_uncovered
 from ring_attention.varlen import Buckets, Rows
 
@@ -183,9 +185,13 @@ def plan_documents(
     causal: bool,
     device: torch.device,
     local_heads: range,
-) -> list[LocalPlan]:
+    comm_mode: str = "ring",
+    load_balance: bool = True,
+) -> list:
     """This rank's plan of every pair for documents ``rows`` (`check_cu_seqlens`) over ``seq_len`` tokens split
-    into ``world_size`` shards; ``local_heads`` are the query heads it holds (offsets follow global indices)."""
+    into ``world_size`` shards: a `LocalPlan` for the pieces inside its shard and a
+    `ring_attention.streams.StreamPlan` for those that cross a shard boundary, pair by pair. ``local_heads`` are the
+    query heads it holds (offsets follow global indices)."""
     check_pairs(segment_lengths, dilation_rates)
     check_head_mode(head_mode, num_heads, len(segment_lengths))
     warn_uncovered(dilation_rates)
@@ -204,7 +210,16 @@ def plan_documents(
                           device) if q_rows.count else None
         views = {length: row_views(mine, r, length, heads_per_kv, local_heads.start)
                  for length in {run.length for run in runs}}
-        plans.append(LocalPlan(rate=r, shard=shard, views=views, runs=tuple(runs), short=buckets))
+        if runs or buckets is not None:
+            plans.append(LocalPlan(rate=r, shard=shard, views=views, runs=tuple(runs), short=buckets))
+        crossing = [piece for piece in segments(rows, w) if piece.start // shard != (piece.start + piece.length - 1)
+                    // shard]
+        spanning = plan_streams(crossing, batch=batch, shard=shard, world_size=world_size, rank=rank, heads=mine,
+                                rate=r, heads_per_kv=heads_per_kv, first_head=local_heads.start,
+                                num_heads=len(local_heads), num_kv_heads=local_kv_heads, causal=causal,
+                                balance=load_balance, comm_mode=comm_mode, device=device) if crossing else None
+        if spanning is not None:
+            plans.append(spanning)
     return plans
 
 
@@ -225,3 +240,11 @@ def padding_documents(padding: torch.Tensor, rows: Boundaries | None, seq_len: i
         bounds = rows[b if len(rows) > 1 else 0]
         documents.append(tuple(sorted({*bounds, start})) if 0 < start < seq_len else bounds)
     return tuple(documents)
+
+
+def documents_fingerprint(rows: Boundaries | None) -> int:
+    """A 62-bit fingerprint of the documents (0: none), which the ranks compare before planning alike."""
+    if rows is None:
+        return 0
+    digest = hashlib.blake2b(repr(rows).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 2 or 1

@@ -25,7 +25,8 @@ import torch
 import torch.distributed as dist
 
 from ring_attention import comm as C
-from ring_attention.documents import LocalPieces, plan_documents
+from ring_attention.doc_spanning import SpanningStreams
+from ring_attention.documents import LocalPieces, LocalPlan, documents_fingerprint, plan_documents
 from ring_attention.kernels import lse_dtype, select_backend
 from ring_attention.pattern import as_row_viewable, plan_pairs
 from ring_attention.spanning import BlockKernel
@@ -77,11 +78,11 @@ def _plan(seq_len, size, segment_lengths, dilation_rates, heads, head_mode, kv_h
 
 @functools.lru_cache(maxsize=8)
 def _document_plan(rows, seq_len, size, rank, segment_lengths, dilation_rates, heads, head_mode, kv_heads, batch,
-                   causal, device, local_heads):
+                   causal, device, local_heads, comm, load_balance):
     # every layer of a model sees the same documents in a step: plan them once (the plans hold index tensors)
     return plan_documents(rows, seq_len, size, rank, segment_lengths, dilation_rates, num_heads=heads,
                           num_kv_heads=kv_heads, head_mode=head_mode, batch=batch, causal=causal, device=device,
-                          local_heads=local_heads)
+                          local_heads=local_heads, comm_mode=comm, load_balance=load_balance)
 
 
 def ring_dilated_attention(
@@ -151,8 +152,9 @@ def ring_dilated_attention(
     batch, shard, heads, head_dim = q.shape
     kv_heads = k.shape[2]
     check_ulysses_size(ulysses_size, size, heads, kv_heads)
+    rows = None if cu_seqlens is None else check_cu_seqlens(cu_seqlens, shard * size, batch, q.device)
     if size > 1:
-        C.check_same_shards(q, k, pg)
+        C.check_same_shards(q, k, pg, documents_fingerprint(rows))
     device_type = q.device.type
     autocast = torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
     if autocast and q.dtype == torch.float32:
@@ -166,7 +168,6 @@ def ring_dilated_attention(
         local_heads = range(part * heads // ulysses_size, (part + 1) * heads // ulysses_size)
         q, k, v = (AllToAll.apply(t, sub, True) for t in (q, k, v))  # [B, U L, H / U, D]
     seq_len, pairs_size = shard * size, size // ulysses_size
-    rows = None if cu_seqlens is None else check_cu_seqlens(cu_seqlens, seq_len, batch, q.device)
     pairs = tuple(segment_lengths), tuple(dilation_rates)
     kernel = BlockKernel(causal, scale or 1.0 / math.sqrt(head_dim), select_backend(backend, q))
     pairs_rank = C.group_rank_and_size(pairs_group)[0]
@@ -174,12 +175,11 @@ def ring_dilated_attention(
         layouts = _plan(seq_len, pairs_size, *pairs, heads, head_mode, kv_heads, q.device, local_heads)
         parts = tiled_parts(layouts, kernel, comm, pairs_group, pairs_rank, load_balance)
     else:
-        if pairs_size > 1:
-            raise NotImplementedError("documents across ranks are not supported yet")
-        rows = rows or ((0, seq_len),)
-        plans = _document_plan(rows, seq_len, pairs_size, pairs_rank, *pairs, heads, head_mode, kv_heads,
-                               q.shape[0], causal, q.device, local_heads)
-        parts = [LocalPieces(plan, kernel) for plan in plans]
+        plans = _document_plan(rows or ((0, seq_len),), seq_len, pairs_size, pairs_rank, *pairs, heads, head_mode,
+                               kv_heads, q.shape[0], causal, q.device, local_heads, comm, load_balance)
+        parts = [LocalPieces(plan, kernel) if isinstance(plan, LocalPlan) else SpanningStreams(plan, kernel,
+                                                                                                pairs_group)
+                 for plan in plans]
     q, k, v = (as_row_viewable(t) for t in (q, k, v))  # rows are read through strided views
     with _autocast_off(device_type):
         out = _DilatedAttention.apply(q, k, v, parts)

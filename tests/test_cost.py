@@ -17,7 +17,14 @@ CASES = [
     for balance, causal in ((False, False), (False, True), (True, True))
     for u, mode, kv, dtype in ((1, "all", 2, torch.float32), (1, "groups", 4, torch.bfloat16), (2, "all", 2,
                                                                                               torch.float64))
-]
+] + [  # packed documents (one starting exactly on a shard boundary, 64), and a length no segment tiles
+    dict(comm=comm, load_balance=balance, causal=causal, ulysses_size=u, head_mode="all", heads=4, kv_heads=2,
+         dtype=dtype, seq_len=128, pairs=PAIRS, cu_seqlens=documents)
+    for comm in ("ring", "allgather")
+    for balance, causal in ((False, False), (True, True))
+    for u, dtype, documents in ((1, torch.float32, [0, 5, 50, 64, 101, 128]), (2, torch.bfloat16, [0, 77, 128]))
+] + [dict(comm="ring", load_balance=True, causal=True, ulysses_size=1, head_mode="all", heads=4, kv_heads=2,
+          dtype=torch.float32, seq_len=132, pairs=PAIRS)]
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +39,8 @@ def test_received_bytes_equal_the_formula_on_every_rank(counted, index):
     expected = {backward: received_bytes(case["comm"], 4, arguments["seq_len"], *arguments["pairs"], case["heads"],
                                          case["kv_heads"], 8, case["dtype"], batch=2, ulysses_size=case["ulysses_size"],
                                          causal=case["causal"], load_balance=case["load_balance"],
-                                         head_mode=case["head_mode"], backward=backward)
+                                         head_mode=case["head_mode"], backward=backward,
+                                         cu_seqlens=case.get("cu_seqlens"))
                 for backward in (False, True)}
     assert [rank[index][0] for rank in counted] == expected[False]
     assert [rank[index][1] for rank in counted] == expected[True]

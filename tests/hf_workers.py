@@ -28,7 +28,8 @@ def batch(size: int = 4, seed: int = 1) -> torch.Tensor:
 
 
 def loss_and_gradients(model, input_ids, group):
-    """The loss of this rank's share and the gradients, summed over the sequence group."""
+    """The loss of this rank's share and the gradients, summed over the sequence group (of the parameters that have
+    one: a vision tower's have none on text-only batches)."""
     ids, positions, labels = shard_batch(input_ids, process_group=group)
     loss = sequence_parallel_loss(model(input_ids=ids, position_ids=positions).logits, labels, process_group=group)
     loss.backward()
@@ -36,7 +37,7 @@ def loss_and_gradients(model, input_ids, group):
     total = loss.detach().clone()
     if group is not None:
         dist.all_reduce(total, group=group)
-    return total, {name: p.grad.clone() for name, p in model.named_parameters()}
+    return total, {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
 
 
 def sequence_parallel(rank, world_size):

@@ -51,6 +51,7 @@ class Problem:
     dtype: torch.dtype = torch.float64
     seed: int = 0
     kv_heads: int | None = None  # grouped-query attention when fewer than heads (production stages only)
+    cu_seqlens: tuple[int, ...] | None = None  # packed documents (production stages only)
 
     def inputs(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """``q``, ``k``, ``v`` and the output gradient ``grad_out``, ``[B, N, H, D]`` (``k``, ``v``: ``kv_heads``)."""
@@ -60,7 +61,8 @@ class Problem:
         return tuple(torch.randn(shape, generator=gen, dtype=torch.float64).to(self.dtype) for shape in shapes)
 
     def options(self) -> dict:
-        return dict(causal=self.causal, head_mode=self.head_mode)
+        documents = {} if self.cu_seqlens is None else dict(cu_seqlens=list(self.cu_seqlens))
+        return dict(causal=self.causal, head_mode=self.head_mode, **documents)
 
 
 def production(q, k, v, segment_lengths, dilation_rates, *, comm: str, load_balance: bool, **options) -> torch.Tensor:

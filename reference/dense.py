@@ -11,7 +11,14 @@ from collections.abc import Sequence
 
 import torch
 
-from ring_attention.validation import check_cu_seqlens, check_head_mode, check_pairs, check_qkv, warn_uncovered
+from ring_attention.validation import (
+    CuSeqlens,
+    check_cu_seqlens,
+    check_head_mode,
+    check_pairs,
+    check_qkv,
+    warn_uncovered,
+)
 
 
 def _lse_and_weights(scores: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -145,7 +152,7 @@ def dilated_attention(
     *,
     causal: bool = False,
     head_mode: str = "all",
-    cu_seqlens=None,
+    cu_seqlens: CuSeqlens | None = None,
     return_lse: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """LongNet dilated attention, dense: one masked attention per pair, merged by log-sum-exp (Eq. 10).

@@ -32,7 +32,7 @@ from ring_attention.pattern import as_row_viewable, plan_pairs
 from ring_attention.spanning import BlockKernel
 from ring_attention.tiled import tiled_parts
 from ring_attention.ulysses import AllToAll, check_ulysses_size, ulysses_groups
-from ring_attention.validation import check_cu_seqlens, check_pairs, check_qkv, tiles_shards
+from ring_attention.validation import CuSeqlens, check_cu_seqlens, check_pairs, check_qkv, tiles_shards
 
 COMM_MODES = ("ring", "allgather")
 
@@ -100,7 +100,7 @@ def ring_dilated_attention(
     scale: float | None = None,
     load_balance: bool = True,
     ulysses_size: int = 1,
-    cu_seqlens=None,
+    cu_seqlens: CuSeqlens | None = None,
 ) -> torch.Tensor:
     """Dilated attention (LongNet) of this rank's ``[B, L, H, D]`` shard; returns this rank's output rows.
 

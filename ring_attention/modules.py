@@ -12,7 +12,7 @@ from torch import nn
 from ring_attention.comm import GroupLike
 from ring_attention.documents import padding_documents
 from ring_attention.functional import ring_dilated_attention
-from ring_attention.validation import check_cu_seqlens
+from ring_attention.validation import CuSeqlens, check_cu_seqlens
 
 
 def padding_mask(key_padding_mask: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
@@ -83,7 +83,7 @@ class RingDilatedAttention(nn.Module):
         return copied
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool | None = None,
-                cu_seqlens=None) -> torch.Tensor:
+                cu_seqlens: CuSeqlens | None = None) -> torch.Tensor:
         """`ring_dilated_attention` of ``[B, L, H, D]`` shards; ``causal`` overrides the module's for this call and
         ``cu_seqlens`` gives the documents (boundaries over the global sequence)."""
         return ring_dilated_attention(
@@ -243,7 +243,7 @@ class RingMultiheadDilatedAttention(nn.Module):
         average_attn_weights: bool = True,
         is_causal: bool = False,
         *,
-        cu_seqlens=None,
+        cu_seqlens: CuSeqlens | None = None,
     ) -> tuple[torch.Tensor, None]:
         """Attention of ``query`` over ``key``/``value`` (this rank's slice of one sequence).
 

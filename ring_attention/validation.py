@@ -156,6 +156,8 @@ def tiles_shards(seq_len: int, world_size: int, segment_lengths: Sequence[int], 
 
 
 Boundaries = tuple[tuple[int, ...], ...]  # one tuple of document boundaries shared by every row, or one per row
+# what a caller may pass as cu_seqlens: boundaries shared by every row, or a list with one per row
+CuSeqlens = torch.Tensor | Sequence[int] | Sequence[torch.Tensor | Sequence[int]]
 
 
 def _abbreviated(values: Sequence[int]) -> str:
@@ -198,7 +200,7 @@ def _boundaries_of_row(row, seq_len: int, where: str, device: torch.device) -> t
     return tuple(values)
 
 
-def check_cu_seqlens(cu_seqlens, seq_len: int, batch: int, device: torch.device | str = "cpu") -> Boundaries:
+def check_cu_seqlens(cu_seqlens: CuSeqlens, seq_len: int, batch: int, device: torch.device | str = "cpu") -> Boundaries:
     """Document boundaries (flash-attn's ``cu_seqlens``) over a sequence of ``seq_len`` tokens, as host ints.
 
     ``cu_seqlens`` is a 1-D integer tensor or a sequence of ints shared by every batch row, or a list with one per

@@ -118,7 +118,7 @@ def transformer_encoder(rank, world_size, x):
 def bad_sequence_groups(rank, world_size):
     """Each rank's error for shards the group cannot split, and for ranks whose shards disagree."""
     cases = {
-        "not divisible": torch.zeros(1, 12, 2, 4),  # 24 tokens on 2 ranks: a shard of 12 is not a multiple of 8
+        "documents": torch.zeros(1, 16, 2, 4),  # the ranks were given different cu_seqlens
         "shapes": torch.zeros(1, 16 if rank == 0 else 8, 2, 4),
         "dtypes": torch.zeros(1, 16, 2, 4, dtype=torch.float32 if rank == 0 else torch.float64),
         "ulysses_size 3": torch.zeros(1, 16, 2, 4),
@@ -127,8 +127,10 @@ def bad_sequence_groups(rank, world_size):
     errors = {}
     for case, q in cases.items():
         ulysses_size = int(case.split()[1].strip(",")) if case.startswith("ulysses") else 1
+        documents = [0, 5 + rank, 32] if case == "documents" else None
         try:
-            ring_attention.ring_dilated_attention(q, q, q, [8], [1], group=dist.group.WORLD, ulysses_size=ulysses_size)
+            ring_attention.ring_dilated_attention(q, q, q, [8], [1], group=dist.group.WORLD, ulysses_size=ulysses_size,
+                                                  cu_seqlens=documents)
         except ValueError as error:
             errors[case] = str(error)
     return errors

@@ -16,6 +16,7 @@ import reference
 from lessons.harness import ALL_TO_ALL_STAGES, DISTRIBUTED_STAGES, Problem, gather_ranks
 from lessons.launch import run_on_ranks
 from lessons.stage1_simulated_ring import simulated_ring_dilated_attention
+from ring_attention import ring_dilated_attention
 
 CONFIGS = {
     "mixed": ((32, 64, 128, 256), (1, 2, 4, 8)),  # at P=8: one local pair, three spanning 2, 4, 8 ranks
@@ -53,6 +54,20 @@ HYBRID_GQA_PROBLEMS = [Problem(segment_lengths=CONFIGS["mixed"][0], dilation_rat
                                head_mode=mode, dtype=dtype, heads=8, kv_heads=4, seed=300 + i)
                        for i, (mode, dtype) in enumerate((m, d) for m in ("all", "groups")
                                                          for d in (torch.float64, torch.float32))]
+# packed documents (fixed seeds): starting anywhere, on a shard boundary at every P (128 for P = 2, 4, 8), of length
+# 1 and shorter than a rate; rates that divide no segment; production stages only (the lessons tile the sequence)
+DOCUMENT_LAYOUTS = [(0, 1, 37, 128, 131, 200, 256), (0, 70, 77, 160, 256), (0, 256)]
+DOCUMENT_PROBLEMS = [
+    Problem(segment_lengths=s, dilation_rates=r, causal=causal, dtype=dtype, heads=8, kv_heads=4, cu_seqlens=layout,
+            seed=400 + i)
+    for i, (layout, (s, r), causal, dtype) in enumerate(
+        (layout, pairs, causal, dtype) for layout, pairs in zip(DOCUMENT_LAYOUTS, (
+            ((24, 40, 96), (1, 3, 5)), ((32, 64, 128, 256), (1, 2, 4, 8)), ((48, 256), (1, 6))))
+        for causal in (False, True) for dtype in (torch.float64, torch.float32)
+    )
+]
+DOCUMENT_STAGES = [target for name, target in DISTRIBUTED_STAGES.items() if name.startswith(("stage 5", "stage 6"))] + [
+    ALL_TO_ALL_STAGES["stage 7: hybrid (U=2), ring"]]
 TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5}
 STAGES = list(DISTRIBUTED_STAGES.values())
 PRODUCTION = [i for i, name in enumerate(DISTRIBUTED_STAGES) if name.startswith(("stage 5", "stage 6"))]
@@ -95,6 +110,7 @@ def results(request):
         (PROBLEMS, STAGES), (GQA_PROBLEMS, [STAGES[i] for i in PRODUCTION]),
         (ALL_TO_ALL_PROBLEMS, [balanced_ring, *ALL_TO_ALL_STAGES.values()]),
         (HYBRID_GQA_PROBLEMS, [balanced_ring, ALL_TO_ALL_STAGES["stage 7: hybrid (U=2), ring"]]),
+        (DOCUMENT_PROBLEMS, DOCUMENT_STAGES),
     ])
 
     def gathered(battery: int, problems: list, stages: int) -> list:
@@ -102,7 +118,8 @@ def results(request):
                 for i in range(len(problems))]
 
     return (world_size, gathered(0, PROBLEMS, len(STAGES)), gathered(1, GQA_PROBLEMS, len(PRODUCTION)),
-            gathered(2, ALL_TO_ALL_PROBLEMS, 3), gathered(3, HYBRID_GQA_PROBLEMS, 2))
+            gathered(2, ALL_TO_ALL_PROBLEMS, 3), gathered(3, HYBRID_GQA_PROBLEMS, 2),
+            gathered(4, DOCUMENT_PROBLEMS, len(DOCUMENT_STAGES)))
 
 
 def assert_close(actual: dict, expected: dict, tol: float, what: str) -> None:
@@ -113,7 +130,7 @@ def assert_close(actual: dict, expected: dict, tol: float, what: str) -> None:
 
 @pytest.mark.parametrize("stage", range(len(STAGES)), ids=NAMES)
 def test_stage_matches_the_stage_before(results, stage):
-    world_size, rows, gqa_rows, _, _ = results
+    world_size, rows, gqa_rows, *_ = results
     for i, problem in enumerate(PROBLEMS):
         before = stage1_rows(problem, world_size) if stage == 0 else rows[i][BEFORE[stage]]
         assert_close(rows[i][stage], before, TOLERANCE[problem.dtype], f"{problem}")
@@ -125,7 +142,7 @@ def test_stage_matches_the_stage_before(results, stage):
 
 @pytest.mark.parametrize("stage", range(len(STAGES)), ids=NAMES)
 def test_stage_matches_reference_in_float64(results, stage):
-    _, rows, gqa_rows, _, _ = results
+    _, rows, gqa_rows, *_ = results
     for i, problem in enumerate(PROBLEMS):
         if problem.dtype == torch.float64:
             assert_close(rows[i][stage], reference_rows(problem), 1e-10, f"{problem}")
@@ -137,7 +154,7 @@ def test_stage_matches_reference_in_float64(results, stage):
 
 @pytest.mark.parametrize("stage", [1, 2], ids=list(ALL_TO_ALL_STAGES))
 def test_all_to_all_matches_the_ring_alone_and_the_reference(results, stage):
-    _, _, _, rows, gqa_rows = results
+    _, _, _, rows, gqa_rows, _ = results
     for i, problem in enumerate(ALL_TO_ALL_PROBLEMS):  # against ulysses_size=1 (the balanced ring), same inputs
         assert_close(rows[i][stage], rows[i][0], TOLERANCE[problem.dtype], f"{problem}")
         if problem.dtype == torch.float64:
@@ -147,3 +164,22 @@ def test_all_to_all_matches_the_ring_alone_and_the_reference(results, stage):
             assert_close(gqa_rows[i][1], gqa_rows[i][0], TOLERANCE[problem.dtype], f"{problem}")
             if problem.dtype == torch.float64:
                 assert_close(gqa_rows[i][1], reference_rows(problem), 1e-10, f"{problem}")
+
+
+def one_process_rows(problem: Problem) -> dict:
+    q, k, v, grad_out = problem.inputs()
+    q, k, v = (t.clone().requires_grad_(True) for t in (q, k, v))
+    out = ring_dilated_attention(q, k, v, list(problem.segment_lengths), list(problem.dilation_rates),
+                                 **problem.options())
+    return dict(zip(ROWS, (out.detach(), *torch.autograd.grad(out, (q, k, v), grad_out))))
+
+
+@pytest.mark.parametrize("stage", range(len(DOCUMENT_STAGES)), ids=[s.split(":")[1] for s in DOCUMENT_STAGES])
+def test_packed_documents_match_one_process_and_the_reference(results, stage):
+    # every family (ring, all-gather, balanced or not, the hybrid) against the one-process core, and in float64
+    # against the reference
+    rows = results[5]
+    for i, problem in enumerate(DOCUMENT_PROBLEMS):
+        assert_close(rows[i][stage], one_process_rows(problem), TOLERANCE[problem.dtype], f"{problem}")
+        if problem.dtype == torch.float64:
+            assert_close(rows[i][stage], reference_rows(problem), 1e-10, f"{problem}")

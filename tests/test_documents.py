@@ -78,8 +78,8 @@ def test_each_document_gets_what_it_would_get_alone(causal):
         seq_len = rng.randint(20, 80)
         layout = random_layout(rng, seq_len, rng.randint(2, 6))
         q, k, v, grad_out = inputs(2, seq_len, 4, 2, trial)
-        packed = with_grads(lambda q, k, v: ring_dilated_attention(q, k, v, *PAIRS, causal=causal, cu_seqlens=layout),
-                            q, k, v, grad_out)
+        packed = with_grads(lambda q, k, v, layout=layout: ring_dilated_attention(
+            q, k, v, *PAIRS, causal=causal, cu_seqlens=layout), q, k, v, grad_out)
         for start, end in zip(layout[:-1], layout[1:]):
             alone = with_grads(lambda q, k, v: ring_dilated_attention(q, k, v, *PAIRS, causal=causal),
                                *(t[:, start:end] for t in (q, k, v, grad_out)))

@@ -9,6 +9,7 @@ from torch import nn
 import reference
 from lessons.launch import run_on_ranks
 from ring_attention import RingDilatedAttention, RingMultiheadDilatedAttention, ring_dilated_attention
+from ring_attention.documents import documents_fingerprint
 
 
 def with_grads(fn, q, k, v, grad_out):
@@ -289,20 +290,27 @@ def test_a_bad_sequence_group_fails_with_the_same_error_on_every_rank():
     per_rank = run_on_ranks(pw.bad_sequence_groups, 2, timeout=120)
     assert per_rank[0] == per_rank[1]  # every rank raised, with the same message
     errors = per_rank[0]
-    assert errors["not divisible"].startswith(
-        "pair 0 (w=8, r=1): shard length 12 must be a multiple of the segment length 8")
+    fingerprints = [documents_fingerprint(((0, 5 + rank, 32),)) for rank in range(2)]
+    assert errors["documents"] == (
+        f"the q/k shards or the cu_seqlens differ between the ranks of the sequence group (rank 0: q [1, 16, 2, 4] "
+        f"k [1, 16, 2, 4] torch.float32 cpu documents #{fingerprints[0]:x}, rank 1: q [1, 16, 2, 4] k [1, 16, 2, 4] "
+        f"torch.float32 cpu documents #{fingerprints[1]:x}): every rank must pass its own equal-length slice of the "
+        f"same sequence, with the same dtype, device type and documents (cu_seqlens over the whole sequence, the "
+        f"same on every rank)")
     assert errors["shapes"] == (
-        "the q/k shards differ between the ranks of the sequence group (rank 0: q [1, 16, 2, 4] k [1, 16, 2, 4] "
-        "torch.float32 cpu, rank 1: q [1, 8, 2, 4] k [1, 8, 2, 4] torch.float32 cpu): every rank must pass its own "
-        "equal-length slice of the same sequence, with the same dtype and device type")
+        "the q/k shards or the cu_seqlens differ between the ranks of the sequence group (rank 0: q [1, 16, 2, 4] "
+        "k [1, 16, 2, 4] torch.float32 cpu, rank 1: q [1, 8, 2, 4] k [1, 8, 2, 4] torch.float32 cpu): every rank must "
+        "pass its own equal-length slice of the same sequence, with the same dtype, device type and documents "
+        "(cu_seqlens over the whole sequence, the same on every rank)")
     assert errors["ulysses_size 3"] == ("ulysses_size=3 must divide the sequence group size 2: use a divisor of 2 "
                                         "(1 for the ring alone, 2 for all-to-all alone)")
     assert errors["ulysses_size 2, 3 heads"] == ("ulysses_size=2 must divide num_heads=3: each rank of a sub-group "
                                                  "takes num_heads / ulysses_size heads")
     assert errors["dtypes"] == (
-        "the q/k shards differ between the ranks of the sequence group (rank 0: q [1, 16, 2, 4] k [1, 16, 2, 4] "
-        "torch.float32 cpu, rank 1: q [1, 16, 2, 4] k [1, 16, 2, 4] torch.float64 cpu): every rank must pass its "
-        "own equal-length slice of the same sequence, with the same dtype and device type")
+        "the q/k shards or the cu_seqlens differ between the ranks of the sequence group (rank 0: q [1, 16, 2, 4] "
+        "k [1, 16, 2, 4] torch.float32 cpu, rank 1: q [1, 16, 2, 4] k [1, 16, 2, 4] torch.float64 cpu): every rank "
+        "must pass its own equal-length slice of the same sequence, with the same dtype, device type and documents "
+        "(cu_seqlens over the whole sequence, the same on every rank)")
 
 
 def test_gather_sequence_returns_each_rank_its_slice_of_the_gradient():

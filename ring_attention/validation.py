@@ -200,17 +200,43 @@ def _boundaries_of_row(row, seq_len: int, where: str, device: torch.device) -> t
     return tuple(values)
 
 
+def _last_entry(cu_seqlens) -> object:
+    """The last boundary when it can be read without a copy from another device (``None`` otherwise)."""
+    if isinstance(cu_seqlens, torch.Tensor):
+        readable = cu_seqlens.dim() == 1 and cu_seqlens.numel() > 0 and cu_seqlens.device.type != "meta"
+        return int(cu_seqlens[-1]) if readable and not cu_seqlens.is_floating_point() else None
+    is_list = isinstance(cu_seqlens, Sequence) and not isinstance(cu_seqlens, (str, bytes)) and len(cu_seqlens) > 0
+    return cu_seqlens[-1] if is_list else None
+
+
+def _flattened_rows(cu_seqlens, seq_len: int, batch: int, device: torch.device) -> Boundaries:
+    """flash-attn's convention for a batch: boundaries over its rows laid end to end (``batch * seq_len`` tokens),
+    which must include every row's end (no document crosses a row)."""
+    values = _boundaries_of_row(cu_seqlens, batch * seq_len, "cu_seqlens", device)
+    missing = [b * seq_len for b in range(1, batch) if b * seq_len not in values]
+    if missing:
+        raise ValueError(f"cu_seqlens={_abbreviated(values)} spans the {batch} rows of {seq_len} tokens laid end to "
+                         f"end (flash-attn's convention) but has no boundary at {missing}: a document cannot cross "
+                         f"rows; add the row ends, or give one list per row")
+    return tuple(tuple(x - b * seq_len for x in values if b * seq_len <= x <= (b + 1) * seq_len)
+                 for b in range(batch))
+
+
 def check_cu_seqlens(cu_seqlens: CuSeqlens, seq_len: int, batch: int, device: torch.device | str = "cpu") -> Boundaries:
     """Document boundaries (flash-attn's ``cu_seqlens``) over a sequence of ``seq_len`` tokens, as host ints.
 
     ``cu_seqlens`` is a 1-D integer tensor or a sequence of ints shared by every batch row, or a list with one per
-    row (``batch`` of them); each is ``[0 = b_0 < b_1 < ... < b_m = seq_len]``. Returns a tuple holding one tuple of
-    boundaries (shared) or ``batch`` of them (one per row). A tensor must be on the CPU or on ``device`` (q's).
+    row (``batch`` of them); each is ``[0 = b_0 < b_1 < ... < b_m = seq_len]``. A 1-D one that ends at
+    ``batch * seq_len`` follows flash-attn's convention for a batch: the rows laid end to end, each row's end one of
+    its boundaries. Returns a tuple holding one tuple of boundaries (shared) or ``batch`` of them (one per row). A
+    tensor must be on the CPU or on ``device`` (q's).
     """
     device = torch.device(device)
     per_row = (isinstance(cu_seqlens, (list, tuple)) and len(cu_seqlens) > 0
                and all(isinstance(row, (torch.Tensor, list, tuple)) for row in cu_seqlens))
     if not per_row:
+        if batch > 1 and _last_entry(cu_seqlens) == batch * seq_len:
+            return _flattened_rows(cu_seqlens, seq_len, batch, device)
         return (_boundaries_of_row(cu_seqlens, seq_len, "cu_seqlens", device),)
     if len(cu_seqlens) != batch:
         raise ValueError(f"cu_seqlens has {len(cu_seqlens)} rows of boundaries but the batch has {batch} rows: give "

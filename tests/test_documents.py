@@ -138,6 +138,16 @@ def test_bad_cu_seqlens_is_refused_by_name(cu_seqlens, error, words):
     assert words in str(info.value)
 
 
+def test_flash_attn_batch_convention_is_one_list_per_row():
+    q, k, v, _ = inputs(2, 30, 4, 2, 10)
+    per_row = ring_dilated_attention(q, k, v, *PAIRS, causal=True, cu_seqlens=[[0, 11, 30], [0, 4, 30]])
+    flattened = ring_dilated_attention(q, k, v, *PAIRS, causal=True, cu_seqlens=torch.tensor([0, 11, 30, 34, 60]))
+    assert torch.equal(per_row, flattened)
+    with pytest.raises(ValueError, match=r"cu_seqlens=\[0, 11, 34, 60\] spans the 2 rows of 30 tokens laid end to end "
+                                         r"\(flash-attn's convention\) but has no boundary at \[30\]"):
+        ring_dilated_attention(q, k, v, *PAIRS, cu_seqlens=[0, 11, 34, 60])
+
+
 def test_modules_take_cu_seqlens():
     q, k, v, _ = inputs(2, 30, 4, 2, 9)
     layout = [0, 11, 30]

@@ -174,6 +174,9 @@ class SpanningStreams:
                     step.accumulate_receive.items()}
         exchange({x: [t[positions] for t in accumulators] for x, positions in step.accumulate_send.items()},
                  incoming, self.group)
+        held, keys = step.accumulate_home
+        for table, accumulator in zip(home, accumulators):
+            table.index_add_(0, keys, accumulator[held])
         moved = [accumulators[0].new_zeros((step.size_after, accumulators[0].shape[-1])) for _ in range(2)]
         for a, positions in step.accumulate_receive.items():
             here = positions < step.size_after

@@ -30,7 +30,7 @@ import torch
 from ring_attention.kernels import block_attention, block_attention_backward
 from ring_attention.merge import merge_into
 from ring_attention.pattern import RowView, pair_heads, row_view, row_views
-from ring_attention.streams import plan_streams
+from ring_attention.streams import balance_streams, plan_streams, spanning_streams
 from ring_attention.validation import Boundaries, check_head_mode, check_pairs, warn_uncovered
 from ring_attention.varlen import Buckets, Rows
 
@@ -199,11 +199,17 @@ def plan_documents(
     lo, hi = rank * shard, (rank + 1) * shard
     heads_per_kv = num_heads // num_kv_heads
     local_kv_heads = len(local_heads) // heads_per_kv
+    balance = load_balance and causal and world_size > 1
+    loads = [0] * world_size  # causal work so far, per rank: what balance evens out
     plans = []
     for w, r, heads in zip(segment_lengths, dilation_rates, pair_heads(num_heads, len(segment_lengths), head_mode)):
         mine = [h for h in heads if h in local_heads]
         if not mine:
             continue
+        if balance:
+            for other in range(world_size):
+                loads[other] += local_work(*local_pieces(rows, w, r, other * shard, (other + 1) * shard), batch=batch,
+                                           heads=mine, rate=r, heads_per_kv=heads_per_kv)
         runs, short = local_pieces(rows, w, r, lo, hi)
         q_rows, k_rows = kept_blocks(short, batch, mine, r, heads_per_kv, local_heads.start)
         buckets = Buckets(q_rows, k_rows, causal, (batch, shard, len(local_heads)), (batch, shard, local_kv_heads),
@@ -214,13 +220,24 @@ def plan_documents(
             plans.append(LocalPlan(rate=r, shard=shard, views=views, runs=tuple(runs), short=buckets))
         crossing = [piece for piece in segments(rows, w) if piece.start // shard != (piece.start + piece.length - 1)
                     // shard]
-        spanning = plan_streams(crossing, batch=batch, shard=shard, world_size=world_size, rank=rank, heads=mine,
-                                rate=r, heads_per_kv=heads_per_kv, first_head=local_heads.start,
-                                num_heads=len(local_heads), num_kv_heads=local_kv_heads, causal=causal,
-                                balance=load_balance, comm_mode=comm_mode, device=device) if crossing else None
+        streams = spanning_streams(crossing, batch, shard, mine, r, heads_per_kv, local_heads.start)
+        if balance:
+            streams = balance_streams(streams, loads)
+        spanning = plan_streams(streams, shard=shard, world_size=world_size, rank=rank, num_heads=len(local_heads),
+                                num_kv_heads=local_kv_heads, causal=causal, comm_mode=comm_mode, device=device)
         if spanning is not None:
             plans.append(spanning)
     return plans
+
+
+def local_work(runs: Sequence[Run], short: Sequence[Piece], *, batch: int, heads: Sequence[int], rate: int,
+               heads_per_kv: int) -> int:
+    """The causal scores of a rank's pieces inside its shard (runs and short pieces alike), over its heads."""
+    def scores(length: int) -> int:
+        return sum(n * (n + 1) // 2 for n in (len(range((h // heads_per_kv) % rate, length, rate)) for h in heads))
+
+    total = sum((batch if run.row is None else 1) * run.pieces * scores(run.length) for run in runs)
+    return total + sum((batch if piece.row is None else 1) * scores(piece.length) for piece in short)
 
 
 def padding_documents(padding: torch.Tensor, rows: Boundaries | None, seq_len: int) -> Boundaries:

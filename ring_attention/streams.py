@@ -5,9 +5,11 @@ For one kv head, its kept rows form a *stream*: positions ``start + i r`` for ``
 the query heads of that kv head share. Each stream's rows are *owned* in contiguous ranges by the ranks of its span:
 
 - without balance, a rank owns the rows its shard holds (the *natural* owner: nothing moves);
-- with causal load balance, the rows are cut into ``2 G`` near-equal chunks for a span of ``G`` ranks and rank ``m``
-  of the span owns chunks ``m`` and ``2 G - 1 - m`` (head-tail, DESIGN §10): its q, k, v rows move to it first, and
-  its outputs move back (`Moves`).
+- with causal load balance, each stream is cut into chunks of about equal causal work, which go to the ranks with
+  the least work so far, the pieces inside their shards counted first (`balance_streams`); a chunk's q, k, v rows
+  move to its owner first, and its outputs move back (`Moves`). DESIGN §10 sketches a head-tail re-lay inside each
+  piece's span; that alone leaves the ranks as unequal as their local pieces are (packed documents of every length
+  give shards very different local work), so the chunks may go to any rank of the group.
 
 An owner computes its query rows against the keys of every range it may see: those before (all of them, a full
 block), its own (the causal diagonal, square), none after; without causality all of them. The keys reach it either
@@ -42,11 +44,13 @@ class Stream:
     count: int
     kv_head: int  # local index
     q_heads: tuple[int, ...]  # local indices of the query heads that use it
-    members: tuple[int, ...]  # the ranks the piece spans
+    span: tuple[int, ...]  # the ranks the piece spans: its rows' natural owners
     ranges: tuple[tuple[int, int, int], ...]
 
-    def natural_owner(self, i: int, shard: int) -> int:
-        return (self.start + i * self.rate) // shard
+    @property
+    def members(self) -> tuple[int, ...]:
+        """The ranks that own rows: they hold its keys, and rotate them in the ring."""
+        return tuple(sorted({owner for owner, lo, hi in self.ranges if hi > lo}))
 
     def owned(self, rank: int) -> list[tuple[int, int]]:
         return [(lo, hi) for owner, lo, hi in self.ranges if owner == rank and hi > lo]
@@ -61,24 +65,15 @@ def _natural_ranges(start: int, rate: int, count: int, members: Sequence[int], s
     return tuple(ranges)
 
 
-def _head_tail_ranges(count: int, members: Sequence[int]):
-    size = len(members)
-    ranges, lo = [], 0
-    for c in range(2 * size):
-        hi = lo + count // (2 * size) + (c < count % (2 * size))
-        ranges.append((members[c] if c < size else members[2 * size - 1 - c], lo, hi))
-        lo = hi
-    return tuple(ranges)
-
-
 def spanning_streams(pieces: Sequence[Piece], batch: int, shard: int, heads: Sequence[int], rate: int,
-                     heads_per_kv: int, first_head: int, balance: bool) -> list[Stream]:
-    """The streams of the pieces that cross a shard boundary, in one order every rank agrees on."""
+                     heads_per_kv: int, first_head: int) -> list[Stream]:
+    """The streams of the pieces that cross a shard boundary, owned by their natural owners, in one order every
+    rank agrees on."""
     first_kv = first_head // heads_per_kv
     kv_heads = sorted({h // heads_per_kv for h in heads})
     streams = []
     for piece in pieces:
-        members = tuple(range(piece.start // shard, (piece.start + piece.length - 1) // shard + 1))
+        span = tuple(range(piece.start // shard, (piece.start + piece.length - 1) // shard + 1))
         for b in range(batch) if piece.row is None else (piece.row,):
             for j in kv_heads:
                 offset = j % rate
@@ -86,11 +81,53 @@ def spanning_streams(pieces: Sequence[Piece], batch: int, shard: int, heads: Seq
                 if count == 0:
                     continue
                 start = piece.start + offset
-                ranges = (_head_tail_ranges(count, members) if balance else
-                          _natural_ranges(start, rate, count, members, shard))
                 q_heads = tuple(h - first_head for h in heads if h // heads_per_kv == j)
-                streams.append(Stream(b, start, rate, count, j - first_kv, q_heads, members, ranges))
+                streams.append(Stream(b, start, rate, count, j - first_kv, q_heads, span,
+                                      _natural_ranges(start, rate, count, span, shard)))
     return streams
+
+
+def causal_work(lo: int, hi: int) -> int:
+    """Scores of rows ``[lo, hi)`` of a causal stream (row ``i`` sees ``i + 1`` keys), per query head."""
+    return (hi * (hi + 1) - lo * (lo + 1)) // 2
+
+
+CHUNKS_PER_RANK = 8  # balance cuts the spanning work into about this many chunks per rank
+MIN_CHUNK_ROWS = 16  # and no chunk below this many rows (a kernel call's worth)
+
+
+def balance_streams(streams: list[Stream], loads: list[int]) -> list[Stream]:
+    """The streams re-owned for causal load balance, given each rank's work so far (``loads``, updated in place).
+
+    Each stream is cut into chunks of about equal causal work (split at ``n sqrt(k / C)``: the work up to row ``i``
+    grows as ``i^2``), at most one per `MIN_CHUNK_ROWS` rows; the chunks, heaviest first, each go to the rank with
+    the least work (a rank of the piece's span on ties, then the lowest). Deterministic: every rank plans alike.
+    """
+    total = sum(causal_work(0, s.count) * len(s.q_heads) for s in streams)
+    target = max(1, (total + sum(loads)) // (len(loads) * CHUNKS_PER_RANK))
+    chunks = []  # (work, stream index, lo, hi)
+    for index, stream in enumerate(streams):
+        work = causal_work(0, stream.count) * len(stream.q_heads)
+        count = max(1, min(-(-work // target), stream.count // MIN_CHUNK_ROWS))
+        cuts = sorted({0, stream.count, *(round(stream.count * (k / count) ** 0.5) for k in range(1, count))})
+        chunks += [(causal_work(lo, hi) * len(stream.q_heads), index, lo, hi) for lo, hi in zip(cuts[:-1], cuts[1:])]
+    owners: dict[tuple[int, int], int] = {}
+    for work, index, lo, _ in sorted(chunks, key=lambda c: (-c[0], c[1], c[2])):
+        span = streams[index].span
+        owner = min(range(len(loads)), key=lambda r: (loads[r], r not in span, r))
+        owners[(index, lo)] = owner
+        loads[owner] += work
+    balanced = []
+    for index, stream in enumerate(streams):
+        ranges: list[tuple[int, int, int]] = []
+        for _, i, lo, hi in sorted((c for c in chunks if c[1] == index), key=lambda c: c[2]):  # in row order
+            if ranges and ranges[-1][0] == owners[(i, lo)]:
+                ranges[-1] = (ranges[-1][0], ranges[-1][1], hi)  # neighbouring chunks of one owner: one range
+            else:
+                ranges.append((owners[(i, lo)], lo, hi))
+        balanced.append(Stream(stream.batch, stream.start, stream.rate, stream.count, stream.kv_head, stream.q_heads,
+                               stream.span, tuple(ranges)))
+    return balanced
 
 
 def _blocks(q_ranges, k_ranges, causal: bool):
@@ -280,7 +317,8 @@ class RingStep:
     ``send[x]`` are held-buffer positions for rank ``x``, ``receive[a]`` the next buffer's positions of what rank
     ``a`` sends. In the backward, the keys' accumulators move every step, the last time home:
     ``accumulate_send[x]`` are held positions, ``accumulate_receive[a]`` positions in the next buffer followed by
-    the key table (``size_after`` + key-table position for an accumulator that comes home)."""
+    the key table (``size_after`` + key-table position for an accumulator that comes home); a stream this rank
+    owns alone keeps its accumulators: ``accumulate_home`` pairs their held and key-table positions."""
 
     size: int
     size_after: int
@@ -289,6 +327,7 @@ class RingStep:
     receive: dict[int, torch.Tensor]
     accumulate_send: dict[int, torch.Tensor]
     accumulate_receive: dict[int, torch.Tensor]
+    accumulate_home: tuple[torch.Tensor, torch.Tensor]
 
 
 def ring_steps(streams, rank: int, q_table: Table, keys: Table, causal: bool, device) -> list[RingStep]:
@@ -322,10 +361,16 @@ def ring_steps(streams, rank: int, q_table: Table, keys: Table, causal: bool, de
         stream_blocks(streams, rank, q_table, present, causal, blocks)
         size_after = sum(n for _, n in after.values())
         send, receive, accumulate_send, accumulate_receive = {}, {}, {}, {}
+        home_held, home_keys = [], []
         for s, (offset, size) in here.items():
             members = streams[s].members
             successor = members[(members.index(rank) + 1) % len(members)]
             predecessor = members[(members.index(rank) - 1) % len(members)]
+            if successor == rank:  # the only owner: no rotation, its accumulators are home already
+                owned = streams[s].owned(rank)
+                home_held.append(torch.arange(offset, offset + size))
+                home_keys.append(keys.offsets[(s, owned[0][0])] + torch.arange(size))
+                continue
             accumulate_send.setdefault(successor, []).append(torch.arange(offset, offset + size))
             if s in after:  # the stream has steps left: its keys move on, and so will its accumulators
                 send.setdefault(successor, []).append(torch.arange(offset, offset + size))
@@ -339,18 +384,18 @@ def ring_steps(streams, rank: int, q_table: Table, keys: Table, causal: bool, de
                     hi - lo for lo, hi in owned)))
         pack = lambda d: {x: torch.cat(v).to(device) for x, v in d.items() if sum(t.numel() for t in v)}  # noqa: E731
         size = sum(n for _, n in here.values())
+        empty = torch.zeros(0, dtype=torch.long)
+        home = (torch.cat(home_held or [empty]).to(device), torch.cat(home_keys or [empty]).to(device))
         steps.append(RingStep(size, size_after, blocks.buckets(q_table.size, size, causal, device), pack(send),
-                              pack(receive), pack(accumulate_send), pack(accumulate_receive)))
+                              pack(receive), pack(accumulate_send), pack(accumulate_receive), home))
     return steps
 
 
-def plan_streams(pieces: Sequence[Piece], *, batch: int, shard: int, world_size: int, rank: int, heads: Sequence[int],
-                 rate: int, heads_per_kv: int, first_head: int, num_heads: int, num_kv_heads: int, causal: bool,
-                 balance: bool, comm_mode: str, device) -> StreamPlan | None:
-    """This rank's `StreamPlan` for a pair's pieces that span ranks (``None`` when it takes part in none).
-    ``num_heads``/``num_kv_heads`` are the heads a rank holds; ``heads`` the global query heads taking the pair."""
-    streams = spanning_streams(pieces, batch, shard, heads, rate, heads_per_kv, first_head, balance and causal)
-    if not any(rank in stream.members for stream in streams):
+def plan_streams(streams: list[Stream], *, shard: int, world_size: int, rank: int, num_heads: int,
+                 num_kv_heads: int, causal: bool, comm_mode: str, device) -> StreamPlan | None:
+    """This rank's `StreamPlan` for a pair's streams (``None`` when it takes part in none). ``num_heads`` and
+    ``num_kv_heads`` are the heads a rank holds."""
+    if not any(rank in stream.members or rank in stream.span for stream in streams):
         return None
     q_table, keys = query_table(streams, rank), key_table(streams, rank)
     q_moves = moves(streams, rank, world_size, shard, num_heads, True, device)

@@ -2,12 +2,17 @@
 every family, with and without causal load balance, grouped-query heads, both head modes and bf16 (whose dK/dV
 accumulators travel in float32)."""
 
+import itertools
+import random
+
 import pytest
 import torch
 import workers
 
 from lessons.launch import run_on_ranks
-from ring_attention.cost import halves_received, received_bytes
+from ring_attention.cost import document_work, halves_received, received_bytes, score_pairs
+from ring_attention.documents import plan_documents, segments
+from ring_attention.streams import balance_streams, causal_work, spanning_streams
 
 PAIRS = ([16, 64, 128], [1, 2, 4])
 CASES = [
@@ -56,3 +61,52 @@ def test_a_rank_receives_at_most_two_halves_per_relayout():
     # wants 1 (rank 0's) and 6 (rank 3's); rank 2 wants 2 (rank 1's) and 5 (its own); rank 3 wants 3 and 4 (ranks
     # 1 and 2)
     assert [halves_received(me, 4, True) for me in range(4)] == [1, 2, 1, 2]
+
+
+def test_the_documents_plan_counts_the_same_work_as_the_tiled_schedule():
+    # one document that the segments tile: the documents' plan (its streams) and the tiled schedules agree rank by rank
+    pairs = ([32, 64, 128, 256], [1, 2, 4, 8])
+    for comm in ("ring", "allgather"):
+        tiled = score_pairs(256, 4, *pairs, 4, comm=comm, load_balance=False)
+        planned = [document_work(plan_documents(((0, 256),), 256, 4, rank, *pairs, num_heads=4, num_kv_heads=4,
+                                                head_mode="all", batch=1, causal=True, device=torch.device("cpu"),
+                                                local_heads=range(4), comm_mode=comm, load_balance=False), 1, True)
+                   for rank in range(4)]
+        assert planned == tiled
+
+
+def test_balance_spreads_packed_causal_work_within_10_percent():
+    # packed documents of every length (fixed seed, long-tailed): shards get very different local work, and balance
+    # moves chunks of the spanning pieces to even it out; the total work is unchanged
+    rng = random.Random(0)
+    lengths = []
+    while sum(lengths) < 8192:
+        lengths.append(max(1, int(rng.lognormvariate(5.5, 1.3))))
+    lengths[-1] -= sum(lengths) - 8192
+    layout = [0, *itertools.accumulate(n for n in lengths if n > 0)]
+    pairs = ([512, 1024, 2048, 4096, 8192], [1, 2, 4, 6, 12])
+    for world_size in (2, 4, 8):
+        work = {balance: score_pairs(8192, world_size, *pairs, 4, cu_seqlens=layout, load_balance=balance)
+                for balance in (False, True)}
+        assert sum(work[True]) == sum(work[False])
+        assert max(work[True]) / (sum(work[True]) / world_size) <= 1.1
+
+
+def test_balanced_streams_cover_every_row_once_in_order():
+    # balance re-owns each spanning stream in chunks: whatever the layout, the ranges still tile [0, count)
+    rng = random.Random(4)
+    for _ in range(20):
+        seq_len, world_size = 64 * rng.randint(2, 8), rng.choice([2, 4, 8])
+        layout = ((0, *sorted(rng.sample(range(1, seq_len), rng.randint(1, 9))), seq_len),)
+        shard, w, rate = seq_len // world_size, rng.choice([32, 64, 128, 512]), rng.choice([1, 2, 3])
+        crossing = [p for p in segments(layout, w) if p.start // shard != (p.start + p.length - 1) // shard]
+        streams = spanning_streams(crossing, 1, shard, range(4), rate, 2, 0)
+        loads = [rng.randint(0, 10**6) for _ in range(world_size)]
+        before = sum(loads)
+        balanced = balance_streams(streams, loads)
+        assert sum(loads) - before == sum(causal_work(0, s.count) * len(s.q_heads) for s in streams)
+        for stream in balanced:
+            starts = [lo for _, lo, _ in stream.ranges]
+            ends = [hi for _, _, hi in stream.ranges]
+            assert starts[0] == 0 and ends[-1] == stream.count and starts[1:] == ends[:-1] and all(
+                hi > lo for lo, hi in zip(starts, ends))

@@ -7,6 +7,8 @@ all-to-all over heads (stage 7) with the ring alone (``ulysses_size=1``). Groupe
 production stages only (the lessons keep one kv head per head); stage 7 runs on 8 heads, which it can cut.
 """
 
+import random
+
 import pytest
 import torch
 from helpers import rel_err
@@ -56,13 +58,14 @@ HYBRID_GQA_PROBLEMS = [Problem(segment_lengths=CONFIGS["mixed"][0], dilation_rat
                                                          for d in (torch.float64, torch.float32))]
 # packed documents (fixed seeds): starting anywhere, on a shard boundary at every P (128 for P = 2, 4, 8), of length
 # 1 and shorter than a rate; rates that divide no segment; production stages only (the lessons tile the sequence)
-DOCUMENT_LAYOUTS = [(0, 1, 37, 128, 131, 200, 256), (0, 70, 77, 160, 256), (0, 256)]
+DOCUMENT_LAYOUTS = [(0, 1, 37, 128, 131, 200, 256), (0, 70, 77, 160, 256), (0, 256),
+                    (0, *sorted(random.Random(7).sample(range(1, 256), 9)), 256)]
 DOCUMENT_PROBLEMS = [
     Problem(segment_lengths=s, dilation_rates=r, causal=causal, dtype=dtype, heads=8, kv_heads=4, cu_seqlens=layout,
             seed=400 + i)
     for i, (layout, (s, r), causal, dtype) in enumerate(
         (layout, pairs, causal, dtype) for layout, pairs in zip(DOCUMENT_LAYOUTS, (
-            ((24, 40, 96), (1, 3, 5)), ((32, 64, 128, 256), (1, 2, 4, 8)), ((48, 256), (1, 6))))
+            ((24, 40, 96), (1, 3, 5)), ((32, 64, 128, 256), (1, 2, 4, 8)), ((48, 256), (1, 6)), ((16, 64), (1, 4))))
         for causal in (False, True) for dtype in (torch.float64, torch.float32)
     )
 ]

@@ -160,12 +160,24 @@ def score_pairs(
     num_kv_heads: int | None = None,
     comm: str = "ring",
     load_balance: bool = True,
+    cu_seqlens=None,
+    batch: int = 1,
 ) -> list[int]:
-    """(query, key) score pairs each rank's kernels compute per batch row, forward: the per-rank work.
+    """(query, key) score pairs each rank's kernels compute in the forward of ``batch`` rows: the per-rank work.
 
     Counted from the plan and the same schedules the core runs: a causal diagonal block of ``n`` rows counts
-    ``n (n + 1) / 2``, any other block its full rectangle.
+    ``n (n + 1) / 2``, any other block its full rectangle. With documents (``cu_seqlens``), or a length the segments
+    do not tile, it is read off the documents' plan: each run's views, each bucket's blocks (not their padding).
     """
+    num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
+    rows = None if cu_seqlens is None else check_cu_seqlens(cu_seqlens, seq_len, batch)
+    if not ((rows is None or all(b == (0, seq_len) for b in rows))
+            and tiles_shards(seq_len, world_size, segment_lengths, dilation_rates)):
+        return [document_work(plan_documents(
+            rows or ((0, seq_len),), seq_len, world_size, rank, segment_lengths, dilation_rates, num_heads=num_heads,
+            num_kv_heads=num_kv_heads, head_mode=head_mode, batch=batch, causal=causal, device=torch.device("cpu"),
+            local_heads=range(num_heads), comm_mode=comm, load_balance=load_balance), batch, causal)
+            for rank in range(world_size)]
     layouts = plan_pairs(seq_len, world_size, segment_lengths, dilation_rates, num_heads, head_mode, num_kv_heads)
     shard = seq_len // world_size
 
@@ -180,13 +192,34 @@ def score_pairs(
             heads = sum(view.heads for view in layout.views)
             if not layout.spans_ranks:
                 for view in layout.views:
-                    n = view.count
-                    total += (shard // layout.piece_length) * view.heads * (n * (n + 1) // 2 if causal else n * n)
+                    total += (shard // layout.piece_length) * view.heads * _square(view.count, causal)
                 continue
-            me, size, rows = rank % layout.group_size, layout.group_size, shard // layout.rate
+            me, size, rows_per_head = rank % layout.group_size, layout.group_size, shard // layout.rate
             balance = balanced(layout, causal, load_balance)
-            blocks = (gathered_blocks(me, size, rows, causal, balance) if comm == "allgather" else
-                      [b for step in range(size) for b in ring_blocks(me, size, step, rows, causal, balance)])
+            blocks = (gathered_blocks(me, size, rows_per_head, causal, balance) if comm == "allgather" else
+                      [b for step in range(size) for b in ring_blocks(me, size, step, rows_per_head, causal, balance)])
             total += heads * sum(block_pairs(b) for b in blocks)
-        work.append(total)
+        work.append(batch * total)
     return work
+
+
+def _square(n: int, causal: bool) -> int:
+    return n * (n + 1) // 2 if causal else n * n
+
+
+def document_work(plans: list, batch: int, causal: bool) -> int:
+    """The scores one rank's documents plan (`ring_attention.documents.plan_documents`) computes: its runs' views
+    and its buckets' blocks."""
+    total = 0
+    for plan in plans:
+        if isinstance(plan, StreamPlan):
+            buckets = plan.gathered.buckets if plan.gathered is not None else [b for step in plan.ring
+                                                                                for b in step.buckets]
+        else:
+            buckets = [plan.short] if plan.short is not None else []
+            for run in plan.runs:
+                copies = batch if run.row is None else 1
+                total += copies * run.pieces * sum(view.heads * _square(view.count, causal)
+                                                   for view in plan.views[run.length])
+        total += sum(b.useful for b in buckets)
+    return total

@@ -60,23 +60,24 @@ class Run:
 VIEW_ROWS = 128  # a tail keeping at least this many rows per head is read through views, in a call of its own
 
 
-def segments(rows: Boundaries, w: int) -> Iterator[Piece]:
-    """Every segment of pair ``w`` in the sequence: each document cut from its own start, its tail last."""
-    for row, bounds in enumerate(rows):
+def segments(boundaries: Boundaries, w: int) -> Iterator[Piece]:
+    """Every segment of pair ``w`` in the sequence (``boundaries``: `check_cu_seqlens`'s, shared or one per batch
+    row): each document cut from its own start, its tail last."""
+    for row, bounds in enumerate(boundaries):
         for start, end in zip(bounds[:-1], bounds[1:]):
             whole = (end - start) // w
             for k in range(whole):
-                yield Piece(row if len(rows) > 1 else None, start + k * w, w, True)
+                yield Piece(row if len(boundaries) > 1 else None, start + k * w, w, True)
             if (end - start) % w:
-                yield Piece(row if len(rows) > 1 else None, start + whole * w, (end - start) % w, False)
+                yield Piece(row if len(boundaries) > 1 else None, start + whole * w, (end - start) % w, False)
 
 
-def local_pieces(rows: Boundaries, w: int, rate: int, lo: int, hi: int) -> tuple[list[Run], list[Piece]]:
+def local_pieces(boundaries: Boundaries, w: int, rate: int, lo: int, hi: int) -> tuple[list[Run], list[Piece]]:
     """What of pair ``(w, rate)`` lies inside the shard ``[lo, hi)``, with positions relative to the shard: runs
     (whole segments, and tails long enough to be worth a kernel call of their own: `VIEW_ROWS`) and short pieces."""
     runs: list[Run] = []
     short: list[Piece] = []
-    for piece in segments(rows, w):
+    for piece in segments(boundaries, w):
         if piece.start < lo or piece.start + piece.length > hi:
             continue
         start = piece.start - lo
@@ -171,7 +172,7 @@ class LocalPieces:
 
 
 def plan_documents(
-    rows: Boundaries,
+    boundaries: Boundaries,
     seq_len: int,
     world_size: int,
     rank: int,
@@ -188,7 +189,7 @@ def plan_documents(
     comm_mode: str = "ring",
     load_balance: bool = True,
 ) -> list:
-    """This rank's plan of every pair for documents ``rows`` (`check_cu_seqlens`) over ``seq_len`` tokens split
+    """This rank's plan of every pair for documents ``boundaries`` (`check_cu_seqlens`) over ``seq_len`` tokens split
     into ``world_size`` shards: a `LocalPlan` for the pieces inside its shard and a
     `ring_attention.streams.StreamPlan` for those that cross a shard boundary, pair by pair. ``local_heads`` are the
     query heads it holds (offsets follow global indices)."""
@@ -208,9 +209,10 @@ def plan_documents(
             continue
         if balance:
             for other in range(world_size):
-                loads[other] += local_work(*local_pieces(rows, w, r, other * shard, (other + 1) * shard), batch=batch,
+                loads[other] += local_work(*local_pieces(boundaries, w, r, other * shard, (other + 1) * shard),
+                                           batch=batch,
                                            heads=mine, rate=r, heads_per_kv=heads_per_kv)
-        runs, short = local_pieces(rows, w, r, lo, hi)
+        runs, short = local_pieces(boundaries, w, r, lo, hi)
         q_rows, k_rows = kept_blocks(short, batch, mine, r, heads_per_kv, local_heads.start)
         buckets = Buckets(q_rows, k_rows, causal, (batch, shard, len(local_heads)), (batch, shard, local_kv_heads),
                           device) if q_rows.count else None
@@ -218,8 +220,8 @@ def plan_documents(
                  for length in {run.length for run in runs}}
         if runs or buckets is not None:
             plans.append(LocalPlan(rate=r, shard=shard, views=views, runs=tuple(runs), short=buckets))
-        crossing = [piece for piece in segments(rows, w) if piece.start // shard != (piece.start + piece.length - 1)
-                    // shard]
+        crossing = [piece for piece in segments(boundaries, w)
+                    if piece.start // shard != (piece.start + piece.length - 1) // shard]
         streams = spanning_streams(crossing, batch, shard, mine, r, heads_per_kv, local_heads.start)
         if balance:
             streams = balance_streams(streams, loads)
@@ -240,9 +242,9 @@ def local_work(runs: Sequence[Run], short: Sequence[Piece], *, batch: int, heads
     return total + sum((batch if piece.row is None else 1) * scores(piece.length) for piece in short)
 
 
-def padding_documents(padding: torch.Tensor, rows: Boundaries | None, seq_len: int) -> Boundaries:
+def padding_documents(padding: torch.Tensor, boundaries: Boundaries | None, seq_len: int) -> Boundaries:
     """Document boundaries per batch row once each row's trailing padding (``padding`` ``[B, N]``, ``True`` at a
-    padded token) is a filler document of its own: the boundaries of ``rows`` (``None``: one document) with the
+    padded token) is a filler document of its own: the ``boundaries`` (``None``: one document) with the
     padding's first token added. Raises ``ValueError`` when a row's padding is not trailing."""
     valid = (~padding).sum(1)  # [B] tokens before the padding
     trailing = torch.arange(seq_len, device=padding.device).unsqueeze(0) >= valid.unsqueeze(1)
@@ -251,17 +253,17 @@ def padding_documents(padding: torch.Tensor, rows: Boundaries | None, seq_len: i
         raise ValueError(f"key_padding_mask row {row} is not trailing padding (True only after the last real token: "
                          f"{padding[row].int().tolist()}): put each row's padding at its end, or pass its documents "
                          f"as cu_seqlens")
-    rows = rows or ((0, seq_len),)
+    boundaries = boundaries or ((0, seq_len),)
     documents = []
     for b, start in enumerate(valid.tolist()):
-        bounds = rows[b if len(rows) > 1 else 0]
+        bounds = boundaries[b if len(boundaries) > 1 else 0]
         documents.append(tuple(sorted({*bounds, start})) if 0 < start < seq_len else bounds)
     return tuple(documents)
 
 
-def documents_fingerprint(rows: Boundaries | None) -> int:
+def documents_fingerprint(boundaries: Boundaries | None) -> int:
     """A 62-bit fingerprint of the documents (0: none), which the ranks compare before planning alike."""
-    if rows is None:
+    if boundaries is None:
         return 0
-    digest = hashlib.blake2b(repr(rows).encode(), digest_size=8).digest()
+    digest = hashlib.blake2b(repr(boundaries).encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") >> 2 or 1

@@ -123,8 +123,10 @@ def ring_dilated_attention(
         load_balance: with ``causal``, balance the work of pairs whose segments span ranks: their selected rows
             are re-laid in zigzag order across the segment group inside the call (`ring_attention.balance`) and
             laid back, so the result and the user's layout are the same as without it. A pair whose ranks hold
-            an odd number of selected rows per head keeps the unbalanced schedule. No effect without
-            ``causal`` or without spanning pairs.
+            an odd number of selected rows per head keeps the unbalanced schedule. With documents, the pieces
+            that cross a shard boundary are cut into chunks of equal causal work that go to the ranks with the
+            least work, their pieces inside the shard counted first (`ring_attention.streams`). No effect without
+            ``causal`` or without pieces that span ranks.
         ulysses_size: ``U`` > 1 adds all-to-all over heads (`ring_attention.ulysses`): each sub-group of ``U``
             consecutive ranks swaps sequence shards for head shards, and the pairs run across the sub-groups
             on blocks of ``U L`` tokens. ``U`` must divide the group size, ``heads`` and ``kv_heads``; ``U`` equal

@@ -10,16 +10,19 @@ lines per step, with the model called with ``position_ids`` and without ``labels
     loss.backward()
     sum_gradients(model, sp)  # under FSDP over the data ranks; under DDP multiply the loss by sp's size instead
 
+Packed documents (``DataCollatorWithFlattening``'s ``position_ids``) and right-padded batches (a full
+``attention_mask``) go through `shard_batch` too, which then also returns the documents, ``cu_seq_lens_q``, for
+the model call: ``model(input_ids=..., position_ids=..., cu_seq_lens_q=...)``. Each document then gets exactly
+what it would get alone, whichever ranks it lands on; padding becomes a filler document that nobody attends to.
+
 `apply_ring_dilated_attention` registers an attention function with ``transformers``' own attention interface
 (``AttentionInterface.register``, and a mask function that makes no mask with ``AttentionMaskInterface``) under a
-name that belongs to that model, switches the model to it and checks that every attention layer took the switch:
-a model whose layers compute attention their own way, a multimodal model (apply it to its text model), or, under a
-process group, a model with other sequence mixers (Mamba, linear attention, convolutions) is refused by name.
-Every input the operator cannot honour raises with what to do, and the inputs that depend on the data (a padding
-mask, positions) are refused on every rank of the sequence group together, so no rank is left waiting.
+name that belongs to that model, switches the model to it and checks that every attention layer took the switch.
+What it refuses, at the switch and at run time, is in `ring_attention.hf_checks`: every input the operator cannot
+honour raises with what to do, on every rank of the sequence group together when it depends on one rank's data.
 
-`shard_batch` gives each rank its contiguous slice of the tokens, their global positions (for rotary
-embeddings) and labels shifted *before* sharding, so the last token of a slice predicts the first of the next.
+`shard_batch` gives each rank its contiguous slice of the tokens, their positions (for rotary embeddings) and
+labels shifted *before* sharding, so the last token of a slice predicts the first of the next.
 `sequence_parallel_loss` is this rank's share of the mean over the whole sequence: summed over the sequence
 ranks, it is the single-process loss (and so are the gradients: sum them over the sequence ranks, see
 `sum_gradients`).
@@ -27,11 +30,7 @@ ranks, it is the single-process loss (and so are the gradients: sum them over th
 
 from __future__ import annotations
 
-import functools
-import inspect
 import itertools
-import re
-import weakref
 from collections.abc import Sequence
 
 import torch
@@ -43,236 +42,40 @@ from ring_attention.functional import ring_dilated_attention
 
 try:
     from transformers import AttentionInterface, AttentionMaskInterface, PreTrainedModel
-    from transformers.masking_utils import bidirectional_mask_function, causal_mask_function
+    from transformers.masking_utils import causal_mask_function
+
+    from ring_attention import hf_checks as checks
 except ImportError as error:  # the package imports without the extra; this module needs it
     raise ImportError("ring_attention.hf needs transformers: pip install 'ring-attention[hf]'") from error
 
 IGNORE_INDEX = -100
 _NAMES = itertools.count()
-_OURS: set[str] = set()  # the attention-implementation names this module registered
-
-# --- what the attention function accepts, in one place ----------------------------------------------------------------
-# keywords transformers' layers pass that change nothing in the attention itself
-_HARMLESS = frozenset({"use_cache", "output_hidden_states", "output_router_logits", "num_items_in_batch"})
-# keywords that say where packed documents start: refused until packed inputs are supported (DESIGN.md §10), by
-# `_packing_problem`, with position_ids that restart inside a row: the one place to change
-_PACKING = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k", "seq_idx")
-_REFUSED = {
-    "position_bias": "position_bias (an additive bias on the attention scores, as T5's relative positions) is not "
-                     "supported: the kernels compute plain softmax attention; use a model with rotary or absolute "
-                     "position embeddings",
-    "s_aux": "s_aux (attention sinks, as in gpt-oss) is not supported: the kernels have no sink logit; use a model "
-             "without attention sinks",
-    "sinks": "sinks (attention sinks) is not supported: the kernels have no sink logit; use a model without them",
-    "output_attentions": "output_attentions=True is not supported: ring dilated attention never materialises the "
-                         "attention weights; call the model with output_attentions=False",
-}
-# arguments of an attention layer's forward that bring keys and values from another sequence
-_CROSS_INPUTS = ("key_value_states", "encoder_hidden_states", "cross_attention_states")
-# class names of sequence mixers that are not attention (those that convolve along the sequence are found by their
-# nn.Conv1d)
-_MIXER_NAMES = re.compile(r"mamba|deltanet|shortconv|recurrent|rwkv|lstm|ssm", re.IGNORECASE)
-_PADDING = ("a padding attention_mask is not supported by ring dilated attention: fill every sequence to the full "
-            "length (give filler positions the label -100) and pass attention_mask=None")
-
-
-def _sliding_window_fix(config) -> str:
-    """How to build or load a model of this config without its sliding window or chunks. The layers fix their kind
-    when they are built: setting ``config.sliding_window = None`` on a built Qwen2, Gemma 3 or gpt-oss crashes it."""
-    if getattr(config, "layer_types", None) is not None:
-        full = f"layer_types=['full_attention'] * {config.num_hidden_layers}"
-        return (f"the dilation pattern replaces the window: build or load the model with every layer full, {full} "
-                f"(e.g. from_pretrained(name, {full}))")
-    return ("the dilation pattern replaces the window: build or load the model with sliding_window=None "
-            "(e.g. from_pretrained(name, sliding_window=None))")
-
-
-# --- which layers a model has -----------------------------------------------------------------------------------------
-@functools.cache
-def _calls_attention_interface(cls: type) -> bool:
-    """Whether a module class's forward looks its attention function up in transformers' interface."""
-    try:
-        return "ALL_ATTENTION_FUNCTIONS" in inspect.getsource(cls.forward)
-    except (OSError, TypeError):
-        return False
-
-
-def _class_names(modules) -> str:
-    return ", ".join(sorted({type(m).__name__ for m in modules}))
-
-
-def _other_attention(model: torch.nn.Module) -> list[torch.nn.Module]:
-    """Attention modules (by class name) that hold weights and neither call the interface nor contain a layer that
-    does: they compute attention their own way (Falcon, Bloom, GPT-Neo, MPT, torch's nn.MultiheadAttention...)."""
-    return [m for m in model.modules()
-            if "attention" in type(m).__name__.lower() and next(m.parameters(), None) is not None
-            and not any(_calls_attention_interface(type(inner)) for inner in m.modules())]
-
-
-def _sequence_mixers(model: torch.nn.Module) -> list[torch.nn.Module]:
-    """Modules that mix tokens along the sequence without attention (Mamba, gated delta nets, short convolutions),
-    the innermost of each nest (a Mamba mixer, not the decoder layer that holds it)."""
-    def mixes(module):
-        convolves = any(isinstance(child, torch.nn.Conv1d) for child in module.children())
-        return not isinstance(module, PreTrainedModel) and (convolves or _MIXER_NAMES.search(type(module).__name__))
-
-    return [m for m in model.modules() if mixes(m) and not any(mixes(inner) for inner in list(m.modules())[1:])]
-
-
-def _sub_models(model: PreTrainedModel) -> dict[str, str]:
-    """The sub-models of a multimodal model (a vision tower, a text model...): their paths and sub-config names."""
-    config = model.config
-    keys = {id(getattr(config, key)): key for key in config.sub_configs if getattr(config, key, None) is not None}
-    found: dict[str, str] = {}
-    for path, module in model.named_modules():
-        key = keys.get(id(getattr(module, "config", None))) if isinstance(module, PreTrainedModel) else None
-        if key is not None and key not in found.values():
-            found[path] = key
-    return found
-
-
-def _check_model(model: PreTrainedModel, group) -> None:
-    """Refuse, before switching anything, a model the switch would leave silently wrong."""
-    name = type(model).__name__
-    sub_models = _sub_models(model)
-    if sub_models:
-        listed = ", ".join(f"model.{path} ({key})" for path, key in sub_models.items())
-        text_config = model.config.get_text_config()
-        text = next((p for p, key in sub_models.items() if getattr(model.config, key) is text_config), None)
-        where = f"apply_ring_dilated_attention(model.{text}, ...)" if text else "apply it to one of them"
-        raise TypeError(f"{name} has sub-models with their own configs ({listed}): switch its text model alone, "
-                        f"{where}; the other sub-models keep their attention")
-    others = _other_attention(model)
-    if others:
-        raise TypeError(f"{name} is not on transformers' attention interface: its {_class_names(others)} layers "
-                        f"compute attention their own way and would keep doing so (under sequence parallelism each "
-                        f"rank would attend only inside its slice); use a family whose attention layers call the "
-                        f"interface (Llama, Mistral, Qwen2...: see the families table of the Hugging Face page)")
-    if not any(_calls_attention_interface(type(m)) for m in model.modules()):
-        raise TypeError(f"{name} is not on transformers' attention interface: none of its layers calls it, so there "
-                        f"is no attention to switch")
-    mixers = _sequence_mixers(model)
-    if mixers and group_rank_and_size(group)[1] > 1:
-        raise TypeError(f"{name} mixes the sequence with {_class_names(mixers)} beside attention: under sequence "
-                        f"parallelism they would see only this rank's slice of it. Train it with process_group=None, "
-                        f"or use a model whose every sequence mixer is attention")
-
-
-def _check_switched(model: PreTrainedModel, attn_name: str, previous: str) -> None:
-    """Every layer that calls the interface must now read our name from its config; otherwise switch back, refuse."""
-    layers = [m for m in model.modules() if _calls_attention_interface(type(m))]
-    stale = [m for m in layers if getattr(getattr(m, "config", None), "_attn_implementation", None) != attn_name]
-    if stale or model.config._attn_implementation != attn_name:
-        model.set_attn_implementation(previous)
-        raise TypeError(f"{type(model).__name__} is not on transformers' attention interface: after the switch, "
-                        f"{_class_names(stale) or 'its config'} still read another attention implementation")
-
-
-# --- refusals at run time ---------------------------------------------------------------------------------------------
-_CROSS_HOOKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # layer -> its hook (one each, re-applied)
-
-
-def _guard_cross_attention(model: torch.nn.Module) -> None:
-    """Hook every layer whose forward can take keys and values from another sequence: called with them while on a
-    ring dilated attention function (cross-attention, whatever the lengths), it raises."""
-    for layer in model.modules():
-        if not _calls_attention_interface(type(layer)):
-            continue
-        parameters = list(inspect.signature(layer.forward).parameters)
-        inputs = {name: parameters.index(name) for name in _CROSS_INPUTS if name in parameters}
-        if inputs and layer not in _CROSS_HOOKS:
-            _CROSS_HOOKS[layer] = layer.register_forward_pre_hook(functools.partial(_refuse_cross, inputs),
-                                                                  with_kwargs=True)
-
-
-def _refuse_cross(inputs: dict[str, int], layer, args, kwargs) -> None:
-    if layer.config._attn_implementation not in _OURS:
-        return
-    for name, index in inputs.items():
-        if kwargs.get(name, args[index] if index < len(args) else None) is not None:
-            raise NotImplementedError(
-                f"cross-attention is not supported: {type(layer).__name__} was called with {name}, keys and values "
-                f"from another sequence, and ring dilated attention attends within one sequence split over ranks; "
-                f"switch only a model without cross-attention, e.g. an encoder-decoder's encoder "
-                f"(apply_ring_dilated_attention(model.get_encoder(), ...))")
-
-
-def _refuse_together(problem: tuple[type, str] | None, group, device: torch.device) -> None:
-    """Raise on every rank of the sequence group when any rank's data is refused: a rank that raised alone would
-    leave the others waiting in the operator's first exchange. One small all-reduce per call when all is well."""
-    if group_rank_and_size(group)[1] == 1:
-        if problem is not None:
-            raise problem[0](problem[1])
-        return
-    flag = torch.tensor([problem is not None], dtype=torch.int32, device=device)
-    dist.all_reduce(flag, group=group)
-    if flag.item():
-        problems = [None] * dist.get_world_size(group)
-        dist.all_gather_object(problems, problem, group=group)
-        failing = [(rank, p) for rank, p in enumerate(problems) if p is not None]
-        listed = "; ".join(f"rank {rank}: {message}" for rank, (_, message) in failing)
-        raise failing[0][1][0](f"refused on every rank of the sequence group ({listed})")
-
-
-def _packing_problem(position_ids: torch.Tensor | None, kwargs: dict, rank: int, length: int, sequence_parallel: bool):
-    """Why this rank's rows are not each one whole sequence (packed documents: refused until they are supported,
-    DESIGN.md §10, here), or under sequence parallelism its position_ids not its tokens' global positions; None if
-    all is well. The answer depends on the data, so the ranks agree on it before raising (`_refuse_together`)."""
-    given = [name for name in _PACKING if kwargs.get(name) is not None]
-    if given:
-        return NotImplementedError, (f"{given[0]} (packed sequences, as DataCollatorWithFlattening makes) is not "
-                                     f"supported yet: give each sequence its own batch row")
-    if position_ids is None:
-        return None
-    if bool((position_ids.diff(dim=-1) != 1).any()):
-        return NotImplementedError, ("position_ids that restart inside a row (packed sequences) are not supported yet: "
-                                     "give each sequence its own batch row")
-    start, starts = rank * length, position_ids[..., 0]
-    if sequence_parallel and bool((starts != start).any()):
-        return ValueError, (f"position_ids start at {starts[starts != start][0].item()} where this rank's tokens are "
-                            f"positions {start}..{start + length - 1} of the sequence: pass shard_batch's "
-                            f"position_ids (without them every rank counts from 0)")
-    return None
-
-
-def _check_keywords(kwargs: dict) -> None:
-    """Every keyword is used, harmless, or refused by name: none is dropped silently."""
-    for name, value in kwargs.items():
-        if value is None or name in _HARMLESS or name in _PACKING:  # packing: `_packing_problem`
-            continue
-        if name in _REFUSED:
-            if name == "output_attentions" and not value:
-                continue
-            raise NotImplementedError(_REFUSED[name])
-        shown = f"a tensor of shape {tuple(value.shape)}" if torch.is_tensor(value) else repr(value)
-        raise TypeError(f"the attention layer passed {name}={shown}, which ring dilated attention does not use and "
-                        f"would otherwise drop: use attn_implementation='sdpa' for this model")
 
 
 def _mask_function(state: dict):
     def no_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_function=causal_mask_function,
                 attention_mask=None, local_size=None, config=None, **kwargs):
         """``transformers``' mask-creation signature: the operator applies the causal (or bidirectional) pattern
-        itself, so no mask is made. What it cannot apply is noted for the attention layers of this forward (a model
-        may make several masks first), which refuse it on every rank together: a padding mask, a sliding window or
-        chunks that a layer uses, packed sequences, an overlay."""
-        if state["layers_ran"]:  # the first mask of a forward: forget the last forward's problem
-            state.update(problem=None, layers_ran=False)
-        problem = None
+        and the documents itself, so no mask is made. What it cannot apply is noted for the attention layers of this
+        forward (a model may make several masks first), which refuse it on every rank together: a padding mask, a
+        sliding window or chunks that a layer uses, an overlay; and packed sequences, unless they get documents."""
+        if state["layers_ran"]:  # the first mask of a forward: forget the last forward's notes
+            state.update(problem=None, packed=False, layers_ran=False)
+        problem, parts = None, checks.mask_parts(mask_function)
         if attention_mask is not None and not bool(attention_mask.all()):
-            problem = NotImplementedError, _PADDING
+            problem = NotImplementedError, checks.PADDING
         elif local_size is not None:  # a sliding-window or chunked mask: unused when every layer is full
             layer_types = getattr(config, "layer_types", None)
             if layer_types is None or {"sliding_attention", "chunked_attention"} & set(layer_types):
                 local = "chunked attention" if "chunked_attention" in (layer_types or ()) else "a sliding window"
                 problem = NotImplementedError, f"{local} of {local_size} tokens is not supported: " + (
-                    _sliding_window_fix(config))
-        elif mask_function not in (causal_mask_function, bidirectional_mask_function):
+                    checks.sliding_window_fix(config))
+        elif "overlay" in parts:
             problem = NotImplementedError, (
-                "transformers asked for a mask beyond the causal one (packed sequences with restarting position_ids, "
-                "or an overlay such as image tokens attending both ways) and ring dilated attention applies its own "
-                "pattern: give each sequence its own batch row, and remove mask overlays")
+                "transformers asked for a mask beyond the causal one and the documents (an overlay such as image "
+                "tokens attending both ways), and ring dilated attention applies its own pattern: remove the overlay")
         state["problem"] = state["problem"] or problem
+        state["packed"] = state["packed"] or "packed" in parts
         return None
 
     return no_mask
@@ -281,12 +84,13 @@ def _mask_function(state: dict):
 def _attention_function(segment_lengths, dilation_rates, group, comm, load_balance, ulysses_size, backend, state):
     def ring_dilated_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None,
                                        sliding_window=None, softcap=None, is_causal=None, position_ids=None, **kwargs):
-        """``transformers``' attention-function signature: ``[B, H, L, D]`` in, ``([B, L, H, D], None)`` out."""
+        """``transformers``' attention-function signature: ``[B, H, L, D]`` in, ``([B, L, H, D], None)`` out; the
+        documents, if any, come as ``cu_seq_lens_q`` over the whole sequence."""
         state["layers_ran"] = True  # the next mask made starts the next forward
-        _check_keywords(kwargs)
+        checks.check_keywords(kwargs)
         if sliding_window is not None:
             raise NotImplementedError(f"sliding_window={sliding_window} is not supported: "
-                                      f"{_sliding_window_fix(module.config)}")
+                                      f"{checks.sliding_window_fix(module.config)}")
         if softcap is not None:
             raise NotImplementedError(f"softcap={softcap} (attention logit soft-capping) is not supported: the "
                                       f"fused kernels compute plain softmax attention; use a model without it")
@@ -298,12 +102,24 @@ def _attention_function(segment_lengths, dilation_rates, group, comm, load_balan
                 f"queries ({query.shape[2]}) and keys ({key.shape[2]}) of different lengths, as in generation with a "
                 f"key/value cache, are not supported: generate with attn_implementation='sdpa'")
         rank, size = group_rank_and_size(group)
-        problem = _packing_problem(position_ids, kwargs, rank, query.shape[2], size > 1) or state["problem"]
+        length = query.shape[2]
+        rows, problem = checks.documents_of(kwargs, query.shape[0], length * size, query.device)
+        if rows is not None and state["mixers"]:
+            raise TypeError(f"{state['model']} mixes the sequence with {state['mixers']} beside attention, which would "
+                            f"cross the documents: packed documents and padding need a model whose every sequence "
+                            f"mixer is attention")
+        if rows is None and problem is None and state["documents_given"]:
+            state["not_received"].add(type(module).__name__)
+        problem = problem or checks.positions_problem(position_ids, rows, rank, length, size) or state["problem"]
+        if problem is None and rows is None and state["packed"]:
+            problem = ValueError, checks.PACKED
+        if problem is not None and problem[1] == checks.PACKED and state["not_received"]:
+            problem = NotImplementedError, checks.documents_lost(state)
         if problem is None and attention_mask is not None:  # `no_mask` makes none: this one was handed over ready
             problem = NotImplementedError, (f"an attention_mask of shape {tuple(attention_mask.shape)} is not "
                                             f"supported: ring dilated attention applies its own pattern; pass "
                                             f"attention_mask=None")
-        _refuse_together(problem, group, query.device)
+        checks.refuse_together(problem, group, query.device)
         causal = getattr(module, "is_causal", True) if is_causal is None else is_causal
         # multi-head latent attention (DeepSeek-V2/V3) has value heads narrower than key heads: zero columns make
         # them equal and are cut off the output, which is then exactly attention with the narrower values
@@ -316,7 +132,7 @@ def _attention_function(segment_lengths, dilation_rates, group, comm, load_balan
         out = ring_dilated_attention(
             query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), segment_lengths, dilation_rates,
             causal=causal, group=group, comm=comm, backend=backend, scale=scaling,
-            load_balance=load_balance, ulysses_size=ulysses_size,
+            load_balance=load_balance, ulysses_size=ulysses_size, cu_seqlens=kwargs.get(checks.DOCUMENTS),
         )
         return out[..., :v_dim], None  # [B, L, H, D_v]: no attention weights are ever materialised
 
@@ -349,9 +165,15 @@ def apply_ring_dilated_attention(
     multimodal model (pass its text model, as the message says), and with a process group of more than one
     rank a model with other sequence mixers (Mamba, gated delta nets, short convolutions: Jamba, Bamba,
     Qwen3-Next, LFM2...). After the switch every layer that calls the interface is checked to use it. At run
-    time every input the operator cannot honour raises with what to do (a padding mask, packed sequences, a
-    sliding window, soft-capping, a position bias, attention sinks, cross-attention, ``output_attentions``, any
-    keyword it does not know), on every rank of the group together when it depends on one rank's data.
+    time every input the operator cannot honour raises with what to do (a padding mask given to the model, packed
+    sequences without their documents, a sliding window, soft-capping, a position bias, attention sinks,
+    cross-attention, ``output_attentions``, any keyword it does not know), on every rank of the group together
+    when it depends on one rank's data.
+
+    Packed documents and padding: call the model with the ``cu_seq_lens_q`` that `shard_batch` returns (document
+    boundaries over the whole sequence, the same on every rank); every document then gets what it would get
+    alone. Refused: documents for a model whose layers do not receive them (StableLM) or with other sequence
+    mixers, and ``position_ids`` that do not number each document from 0.
 
     Args:
         model: a ``transformers`` ``PreTrainedModel`` (a multimodal model's text model is one).
@@ -370,39 +192,138 @@ def apply_ring_dilated_attention(
     if not isinstance(model, PreTrainedModel):
         raise TypeError(f"model must be a transformers PreTrainedModel, got {type(model).__name__}")
     group = resolve_group(process_group)
-    _check_model(model, group)
+    checks.check_model(model, group)
     name = f"ring_dilated_attention_{next(_NAMES)}"
-    state = {"problem": None, "layers_ran": True}  # what the mask function noted for the layers, per forward
+    state = checks.new_state(model, checks.sequence_mixers(model))
     AttentionInterface.register(name, _attention_function(list(segment_lengths), list(dilation_rates), group, comm,
                                                           load_balance, ulysses_size, backend, state))
     AttentionMaskInterface.register(name, _mask_function(state))
-    _OURS.add(name)
+    checks.STATES[name] = state
     previous = model.config._attn_implementation
     model.set_attn_implementation(name)
-    _check_switched(model, name, previous)
-    _guard_cross_attention(model)
+    checks.check_switched(model, name, previous)
+    checks.guard_cross_attention(model)
+    checks.guard_documents(model)
     return name
 
 
 def shard_batch(
-    input_ids: torch.Tensor, labels: torch.Tensor | None = None, *, process_group: GroupLike
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """This rank's ``input_ids``, ``position_ids`` and next-token ``labels``, from a ``[B, N]`` batch.
+    input_ids: torch.Tensor,
+    labels: torch.Tensor | None = None,
+    *,
+    process_group: GroupLike,
+    position_ids: torch.Tensor | None = None,
+    attention_mask: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, ...]:
+    """This rank's ``input_ids``, ``position_ids`` and next-token ``labels`` from a ``[B, N]`` batch; with packed
+    documents or padding, also the documents to call the model with.
 
     ``labels`` (default: ``input_ids``) are those of a causal language model: the label of position ``t`` is the
     token at ``t`` (the model predicts it from ``t - 1``). They are shifted *before* the sequence is cut, so each
-    rank's label at its position ``t`` is the token at ``t + 1``, the first token of the next rank's slice for
-    the last position, and ``-100`` (ignored) after the end of the sequence. ``position_ids`` are the global
-    positions of this rank's tokens. Pass the labels to `sequence_parallel_loss`, not to the model: the
-    model's own loss would shift them again.
+    rank's label at its position ``t`` is the token at ``t + 1`` (the first token of the next rank's slice for the
+    last position) and ``-100`` (ignored) on the last token of every document: no label crosses a document. Pass
+    the labels to `sequence_parallel_loss`, not to the model: the model's own loss would shift them again.
+
+    Without ``position_ids`` and ``attention_mask``, each row is one sequence, ``N`` must be a multiple of the
+    group's size, and the ``position_ids`` returned are the tokens' global positions: returns ``(input_ids,
+    position_ids, labels)``. With either, returns ``(input_ids, position_ids, labels, cu_seq_lens_q)``: the
+    sequence is padded to a multiple of the group's size with a filler document (token id 0, labels ``-100``), so is
+    each row's padding, and the positions count from 0 in every document. Call the model with
+    ``model(input_ids=input_ids, position_ids=position_ids, cu_seq_lens_q=cu_seq_lens_q)`` and no
+    ``attention_mask``: ``cu_seq_lens_q`` holds the document boundaries over the whole padded sequence, the same on
+    every rank (int32, on the CPU; flash-attn's convention: the rows laid end to end, ``[0, ..., B * N_padded]``).
+
+    Args:
+        input_ids: ``[B, N]`` token ids of the whole sequences.
+        labels: ``[B, N]`` labels as a causal language model takes them, unshifted (``-100``: ignored);
+            ``DataCollatorWithFlattening``'s are such. Default: ``input_ids``.
+        process_group: the sequence-parallel group (``ProcessGroup`` or 1-D ``DeviceMesh``); ``None``: one process.
+        position_ids: ``[B, N]`` (or ``[1, N]``) positions of packed documents, counting 0, 1, 2... within each
+            document and restarting at 0 where the next one starts, as ``DataCollatorWithFlattening`` makes them.
+        attention_mask: ``[B, N]``, the full (not sharded) mask of a right-padded batch, 1 for a real token and 0
+            for padding, which must come after the row's real tokens.
     """
     labels = input_ids if labels is None else labels
     if labels.shape != input_ids.shape or input_ids.dim() != 2:
         raise ValueError(f"input_ids and labels must both be [batch, seq], got {tuple(input_ids.shape)} and "
                          f"{tuple(labels.shape)}")
-    next_tokens = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)  # [B, N]: what position t must predict
-    positions = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
-    return tuple(shard_sequence(t, process_group, dim=1) for t in (input_ids, positions, next_tokens))
+    group = resolve_group(process_group)
+    size = group_rank_and_size(group)[1]
+    batch, length = input_ids.shape
+    if position_ids is None and attention_mask is None:
+        if length % size:
+            raise ValueError(f"the {length} tokens of each sequence do not split into {size} equal shards: pass the "
+                             f"batch's attention_mask (e.g. torch.ones_like(input_ids)) to shard_batch to pad it with "
+                             f"a filler document, and call the model with the cu_seq_lens_q it then returns")
+        next_tokens = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)  # [B, N]: what position t must predict
+        positions = torch.arange(length, device=input_ids.device).expand_as(input_ids)
+        return tuple(shard_sequence(t, group, dim=1) for t in (input_ids, positions, next_tokens))
+    padded = -(-length // size) * size
+    rows, real = _documents(input_ids, position_ids, attention_mask, padded)
+    ends = torch.zeros(batch, padded + 1, dtype=torch.bool)  # [B, N_padded + 1]: a document ends before token t
+    for row, boundaries in enumerate(rows):
+        ends[row, list(boundaries[1:])] = True
+    starts = ends[:, :-1].clone()  # [B, N_padded]: a document starts at token t
+    starts[:, 0] = True
+    tokens = torch.arange(padded)
+    first = torch.where(starts, tokens, 0).cummax(dim=1).values  # [B, N_padded]: the first token of t's document
+    # the last token of a document predicts nothing, nor does the filler
+    ignored = ends[:, 1:] | (tokens >= real[:, None])  # [B, N_padded]
+    device = input_ids.device
+    next_tokens = F.pad(labels[:, 1:], (0, padded - length + 1), value=IGNORE_INDEX)  # [B, N_padded]
+    next_tokens = next_tokens.masked_fill(ignored.to(device), IGNORE_INDEX)
+    positions = (tokens - first).to(device)  # [B, N_padded]
+    ids = F.pad(input_ids, (0, padded - length))
+    cu_seq_lens_q = torch.tensor([0] + [row * padded + b for row, boundaries in enumerate(rows)
+                                        for b in boundaries[1:]], dtype=torch.int32)
+    return (*(shard_sequence(t, group, dim=1) for t in (ids, positions, next_tokens)), cu_seq_lens_q)
+
+
+def _documents(input_ids: torch.Tensor, position_ids: torch.Tensor | None, attention_mask: torch.Tensor | None,
+               padded: int) -> tuple[list[tuple[int, ...]], torch.Tensor]:
+    """Each row's document boundaries over the sequence padded to ``padded`` tokens (its documents, where the
+    positions restart at 0, then one filler document of its padding and the tokens added), and ``[B]`` its number
+    of real tokens."""
+    batch, length = input_ids.shape
+    real = torch.full((batch,), length)
+    if attention_mask is not None:
+        if attention_mask.shape != input_ids.shape:
+            raise ValueError(f"attention_mask must be the full [batch, seq] = {list(input_ids.shape)} mask, not this "
+                             f"rank's slice, got shape {tuple(attention_mask.shape)}")
+        mask = attention_mask.cpu()
+        if bool(((mask != 0) & (mask != 1)).any()):
+            raise ValueError(f"attention_mask must hold 1 (a real token) and 0 (padding), got the values "
+                             f"{mask.unique().tolist()}")
+        mask = mask.bool()
+        late = (mask[:, 1:] & ~mask[:, :-1]).any(dim=1)  # [B]: a real token after padding
+        if bool(late.any()):
+            raise ValueError(f"attention_mask row {late.nonzero()[0].item()} is not right padding (a real token "
+                             f"follows padding): shard_batch takes real tokens first, then padding "
+                             f"(tokenizer.padding_side = 'right')")
+        real = mask.sum(dim=1)
+    restarts = torch.zeros(batch, length, dtype=torch.bool)  # [B, N]: a document other than the first starts here
+    if position_ids is not None:
+        if position_ids.dim() != 2 or position_ids.shape[1] != length or position_ids.shape[0] not in (1, batch):
+            raise ValueError(f"position_ids must be [batch, seq] = {list(input_ids.shape)} (or [1, {length}], shared "
+                             f"by the rows), got shape {tuple(position_ids.shape)}")
+        positions = position_ids.cpu().expand(batch, length)
+        real_tokens = torch.arange(length) < real[:, None]
+        continued = F.pad(positions[:, :-1] + 1, (1, 0), value=0)  # [B, N]: the position that continues a document
+        wrong = (real_tokens & (positions != continued) & (positions != 0)).nonzero()
+        if len(wrong):
+            row, token = wrong[0].tolist()
+            raise ValueError(f"position_ids[{row}, {token}] = {positions[row, token].item()}"
+                             f"{f' after {positions[row, token - 1].item()}' if token else ''}: packed position_ids "
+                             f"count 0, 1, 2... within each document and restart at 0 where the next one starts, as "
+                             f"DataCollatorWithFlattening makes them")
+        restarts = real_tokens & (positions == 0)
+        restarts[:, 0] = False
+    rows = []
+    for row in range(batch):
+        count = int(real[row])
+        rows.append((0, *restarts[row].nonzero().flatten().tolist(), *([count] if count else []),
+                     *([padded] if count < padded else [])))
+    return rows, real
 
 
 def sequence_parallel_loss(logits: torch.Tensor, labels: torch.Tensor, *, process_group: GroupLike) -> torch.Tensor:

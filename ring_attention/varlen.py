@@ -10,8 +10,9 @@ each bucket is one call on ``[blocks, 1, T, D]`` tensors padded to the bucket's 
   the keys' gradients: their output gradient is zero);
 - padded key rows are hidden by a key mask of ``-inf``, except on a causal (square) block, where they come after
   every real query and causality already hides them;
-- bucket lengths come from a ladder with steps of at most ~7%, so a block computes at most ~15% more than its own
-  work; `Buckets.padded_work` measures what a plan pads.
+- bucket lengths come from a ladder, exact up to 16 rows and then in steps of at most 5%, so a block of more than
+  16 rows computes at most ~10% more than its own work (``1.05^2``); smaller ones pad more, but their work is
+  tiny; `Buckets.padded_work` measures what a plan pads.
 
 Rows are gathered from any ``[B, L, H, D]`` source whose rows are ``D`` contiguous elements (every layout a caller
 hands over, copied once otherwise, `RowSource`), or from a packed table ``[n, D]`` (rows received from other ranks).
@@ -28,12 +29,14 @@ import torch
 from ring_attention.kernels import block_attention, block_attention_backward
 from ring_attention.merge import merge_partials
 
+LADDER_STEP = 1.05  # bucket lengths grow by at most 5% above 16 rows
+
 
 def _ladder(limit: int) -> list[int]:
-    """Padded lengths: 1..8, then multiples of 8 up to 64, then steps of ~7% rounded up to a multiple of 8."""
-    lengths = list(range(1, 9)) + list(range(16, 65, 8))
+    """Padded lengths: every length up to 16, then steps of at most `LADDER_STEP`."""
+    lengths = list(range(1, 17))
     while lengths[-1] < limit:
-        lengths.append(max(lengths[-1] + 8, -(-math.ceil(lengths[-1] * 1.07) // 8) * 8))
+        lengths.append(max(lengths[-1] + 1, int(lengths[-1] * LADDER_STEP)))
     return lengths
 
 

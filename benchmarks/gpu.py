@@ -11,7 +11,9 @@ b. **module**: ``ring_dilated_attention`` and ``RingMultiheadDilatedAttention`` 
    against the float64 reference at a small N, then the module's time and peak memory at N = 8K ... 128K;
 c. **throughput**: achieved TFLOP/s of the dilated core against single-GPU SDPA (flash), for the dense pair
    ``(N, 1)`` (the same work as causal SDPA) and LongNet pairs;
-d. one summary line, ``GPU CHECK OK`` or ``GPU CHECK FAILED``; the exit status is 0 only when OK.
+d. **packed documents**: ``cu_seqlens`` in bf16 against the float64 reference, causal or not (short pieces run
+   through the variable-length kernels on CUDA), and packed vs unpacked time at one N;
+e. one summary line, ``GPU CHECK OK`` or ``GPU CHECK FAILED``; the exit status is 0 only when OK.
 
 Results (with the GPU name and the torch, CUDA and flash-attn versions) go to ``benchmarks/results/gpu/gpu.json``;
 a dry run writes ``benchmarks/results/quick/gpu_dry_run.json``.
@@ -20,6 +22,7 @@ a dry run writes ``benchmarks/results/quick/gpu_dry_run.json``.
 from __future__ import annotations
 
 import argparse
+import itertools
 import math
 import sys
 import time
@@ -162,8 +165,8 @@ class ReferenceAttention(torch.nn.Module):
         super().__init__()
         self.pairs, self.causal = (segment_lengths, dilation_rates), causal
 
-    def forward(self, q, k, v, *, causal=None):
-        return reference.dilated_attention(q, k, v, *self.pairs, causal=self.causal)
+    def forward(self, q, k, v, *, causal=None, cu_seqlens=None):
+        return reference.dilated_attention(q, k, v, *self.pairs, causal=self.causal, cu_seqlens=cu_seqlens)
 
 
 def check_against_reference(device: torch.device, dry_run: bool) -> dict:
@@ -259,7 +262,50 @@ def throughput(device: torch.device, dry_run: bool) -> list[dict]:
     return rows
 
 
-# --- d. the run ------------------------------------------------------------------------------------------------------
+# --- d. packed documents ----------------------------------------------------------------------------------------------
+
+
+def packed_documents(device: torch.device, dry_run: bool) -> dict:
+    """Packed documents in bf16 against the float64 reference (short pieces go through the variable-length kernels
+    on CUDA), then packed vs unpacked time at one N."""
+    seq_len, heads = (256, 4) if dry_run else (4096, 8)
+    segments, rates = [seq_len // 4, seq_len // 2, seq_len], [1, 2, 4]
+    layout = [0, 1, seq_len // 8 + 3, seq_len // 3, seq_len // 2, seq_len - 5, seq_len]  # tails, a 1-token document
+    gen = torch.Generator().manual_seed(4)
+    q, k, v, dout = (torch.randn(2, seq_len, heads, 64, generator=gen, dtype=torch.float64) for _ in range(4))
+    results = []
+    for dtype, fn in ((torch.bfloat16, ring_dilated_attention), (torch.float64, reference.dilated_attention)):
+        leaves = [t.to(device, dtype).requires_grad_(True) for t in (q, k, v)]
+        for causal in (False, True):
+            out = fn(*leaves, segments, rates, causal=causal, cu_seqlens=layout)
+            results.append([out, *torch.autograd.grad(out, leaves, dout.to(device, dtype))])
+    half = len(results) // 2
+    errors = {f"{name} {'causal' if i else 'full'}": rel(results[i][j], results[half + i][j])
+              for i in range(half) for j, name in enumerate(("out", "dq", "dk", "dv"))}
+    ok = all(e < MODULE_TOLERANCE["out" if n.startswith("out") else "grads"] for n, e in errors.items())
+    timing_len = 1024 if dry_run else 32768
+    gen = torch.Generator().manual_seed(5)
+    q, k, v, dout = (torch.randn(1, timing_len, 8, 64, generator=gen).to(device, torch.bfloat16) for _ in range(4))
+    q, k, v = (t.requires_grad_(True) for t in (q, k, v))
+    lengths, rng = [], torch.Generator().manual_seed(6)
+    while sum(lengths) < timing_len:  # long-tailed document lengths
+        lengths.append(int(torch.empty(1).log_normal_(math.log(timing_len / 32), 1.0, generator=rng).clamp(1, 8192)))
+    lengths[-1] -= sum(lengths) - timing_len
+    documents = [0, *itertools.accumulate(n for n in lengths if n > 0)]
+    timing_pairs = longnet_pairs(timing_len, dry_run)
+    seconds = {}
+    for name, cu_seqlens in (("unpacked", None), ("packed", documents)):
+        def step(cu_seqlens=cu_seqlens):
+            out = ring_dilated_attention(q, k, v, *timing_pairs, causal=True, cu_seqlens=cu_seqlens)
+            torch.autograd.grad(out, (q, k, v), dout)
+
+        seconds[name] = timed(step, device, repeats=2)
+    return dict(seq_len=seq_len, documents=layout, errors=errors, tolerance=MODULE_TOLERANCE, ok=ok,
+                timing=dict(seq_len=timing_len, documents=len(documents) - 1, pairs=list(zip(*timing_pairs)),
+                            seconds=seconds))
+
+
+# --- e. the run ------------------------------------------------------------------------------------------------------
 
 
 def versions(device: torch.device) -> dict:
@@ -287,8 +333,9 @@ def main() -> int:
     record["reference"] = check_against_reference(device, args.dry_run)
     record["scaling"] = module_scaling(device, args.dry_run)
     record["throughput"] = throughput(device, args.dry_run)
+    record["documents"] = packed_documents(device, args.dry_run)
     record["seconds"] = time.perf_counter() - start
-    ok = not failed and record["reference"]["ok"]
+    ok = not failed and record["reference"]["ok"] and record["documents"]["ok"]
     backends = sorted({r["backend"] for r in record["kernels"]})
     largest = record["scaling"][-1]
     dense, longnet = record["throughput"][1], record["throughput"][2]
@@ -300,7 +347,9 @@ def main() -> int:
                f"({'within' if ref['ok'] else 'OUTSIDE'} tolerance); N={largest['seq_len']} module fwd+bwd "
                f"{largest['seconds']:.2f} s, {largest['peak_mib']:.0f} MiB; dilated core "
                f"{dense['tflops']:.1f} TFLOP/s on (N, 1) = {dense['of_sdpa']:.2f}x SDPA, "
-               f"{longnet['tflops']:.1f} TFLOP/s on LongNet pairs; {record['seconds']:.0f} s")
+               f"{longnet['tflops']:.1f} TFLOP/s on LongNet pairs; packed documents bf16 worst "
+               f"{max(record['documents']['errors'].values()):.1e} "
+               f"({'within' if record['documents']['ok'] else 'OUTSIDE'} tolerance); {record['seconds']:.0f} s")
     record["summary"], record["ok"] = summary, ok
     directory = output_dir(True) if args.dry_run else RESULTS / "gpu"
     directory.mkdir(parents=True, exist_ok=True)

@@ -64,7 +64,12 @@ _FLASH_ATTN_KNOWN = {
     "q", "k", "v", "dout", "out", "softmax_lse", "dq", "dk", "dv", "dropout_p", "softmax_scale", "causal",
     "window_size", "window_size_left", "window_size_right", "softcap", "alibi_slopes", "return_softmax",
     "deterministic", "rng_state",
+    # the variable-length interface (ring_attention.varlen_kernels)
+    "cu_seqlens_q", "cu_seqlens_k", "max_seqlen_q", "max_seqlen_k", "block_table", "leftpad_k", "seqused_k",
+    "zero_tensors",
 }
+_FLASH_ATTN_FUNCTIONS = ("_flash_attn_forward", "_flash_attn_backward", "_flash_attn_varlen_forward",
+                         "_flash_attn_varlen_backward")
 
 
 @functools.cache
@@ -82,7 +87,9 @@ def flash_attn_problem() -> str | None:
     low, high = FLASH_ATTN_VERSIONS
     if len(numbers) != 2 or not low <= numbers < high:
         return f"flash_attn {version} is installed; this package adapts to versions >= 2.6 and < 3"
-    for name in ("_flash_attn_forward", "_flash_attn_backward"):
+    for name in _FLASH_ATTN_FUNCTIONS:
+        if not hasattr(interface, name):
+            return f"flash_attn {version} has no {name}"
         unknown = set(_parameters(getattr(interface, name))) - _FLASH_ATTN_KNOWN
         if unknown:
             return f"flash_attn {version}: {name} takes parameters this package does not know: {sorted(unknown)}"
@@ -238,7 +245,8 @@ def _flash_attn_call(fn: Callable, **values):
     names = _parameters(fn)
     if "window_size" in names:
         values["window_size"] = (-1, -1)
-    values.update(window_size_left=-1, window_size_right=-1, softcap=0.0, alibi_slopes=None, dropout_p=0.0)
+    values.update(window_size_left=-1, window_size_right=-1, softcap=0.0, alibi_slopes=None, dropout_p=0.0,
+                  block_table=None, leftpad_k=None, seqused_k=None, zero_tensors=False)
     return fn(**{name: values[name] for name in names if name in values})
 
 

@@ -6,6 +6,10 @@ both arithmetic progressions of positions (the kept rows of the piece, ``start +
 per block would cost more in Python than in arithmetic, so blocks are grouped into *buckets* of similar lengths and
 each bucket is one call on ``[blocks, 1, T, D]`` tensors padded to the bucket's lengths:
 
+On CUDA the flash kernels take no key mask: there the blocks are packed end to end instead, without padding, for
+the variable-length kernels (`ring_attention.varlen_kernels`). Elsewhere (the CPU, PyTorch's memory-efficient
+kernel, the ``math`` oracle) each bucket is padded:
+
 - padded query rows are zeros and their output is dropped (their gradient is zero, and so is what they add to
   the keys' gradients: their output gradient is zero);
 - padded key rows are hidden by a key mask of ``-inf``, except on a causal (square) block, where they come after
@@ -21,6 +25,7 @@ hands over, copied once otherwise, `RowSource`), or from a packed table ``[n, D]
 from __future__ import annotations
 
 import bisect
+import itertools
 import math
 from dataclasses import dataclass
 
@@ -28,6 +33,7 @@ import torch
 
 from ring_attention.kernels import block_attention, block_attention_backward
 from ring_attention.merge import merge_partials
+from ring_attention.varlen_kernels import PACKED_BACKENDS, varlen_attention, varlen_attention_backward
 
 LADDER_STEP = 1.05  # bucket lengths grow by at most 5% above 16 rows
 
@@ -69,6 +75,19 @@ def _canonical(rows: Rows, blocks: list[int], length: int, shape: tuple[int, int
 
 
 @dataclass(frozen=True)
+class Packed:
+    """Every block's real rows end to end: query and key rows (contiguous numbering), cumulative lengths (int32,
+    one more than blocks) and the longest block."""
+
+    q_rows: torch.Tensor
+    k_rows: torch.Tensor
+    cu_q: torch.Tensor
+    cu_k: torch.Tensor
+    max_q: int
+    max_k: int
+
+
+@dataclass(frozen=True)
 class Bucket:
     """One kernel call: ``S`` blocks padded to ``q_length`` queries and ``k_length`` keys."""
 
@@ -88,8 +107,10 @@ class Buckets:
     table ``(1, n, 1)``). Built once per plan; `forward` and `backward` run it on a call's tensors.
     """
 
-    def __init__(self, q_rows: Rows, k_rows: Rows, causal: bool, q_shape, k_shape, device, align: int = 1):
+    def __init__(self, q_rows: Rows, k_rows: Rows, causal: bool, q_shape, k_shape, device):
         self.causal, self.q_shape, self.k_shape = causal, tuple(q_shape), tuple(k_shape)
+        self._packed: Packed | None = None
+        align = 16 if torch.device(device).type == "cuda" else 1  # the efficient kernel's bias rows: 16-aligned
         longest = max([0, *q_rows.count, *k_rows.count])
         ladder = _ladder(longest)
         groups: dict[tuple[int, int], list[int]] = {}
@@ -99,7 +120,10 @@ class Buckets:
             key = (padded_length(n, ladder), -(-padded_length(m, ladder) // align) * align)
             groups.setdefault(key, []).append(s)
         self.buckets, self.useful, self.padded = [], 0, 0
+        self._q_counts, self._k_counts = [], []  # per block, in bucket order
         for (tq, tk), blocks in sorted(groups.items()):
+            self._q_counts += [q_rows.count[s] for s in blocks]
+            self._k_counts += [k_rows.count[s] for s in blocks]
             q_index, q_valid = _canonical(q_rows, blocks, tq, q_shape)
             k_index, k_valid = _canonical(k_rows, blocks, tk, k_shape)
             masked = not bool(k_valid.all()) and not (causal and tq == tk)
@@ -116,11 +140,34 @@ class Buckets:
         """The scores computed for padding, as a fraction of the useful ones."""
         return (self.padded - self.useful) / max(self.useful, 1)
 
+    def packed(self) -> Packed:
+        """The blocks packed end to end for the variable-length kernels (`ring_attention.varlen_kernels`)."""
+        if self._packed is None:
+            q_rows = torch.cat([b.q_index.flatten()[b.q_real] for b in self.buckets])
+            k_rows = torch.cat([b.k_index.flatten()[b.k_real] for b in self.buckets])
+            device = q_rows.device
+            cumulative = [torch.tensor([0, *itertools.accumulate(c)], dtype=torch.int32).to(device)
+                          for c in (self._q_counts, self._k_counts)]  # host counts: no sync, and meta-friendly
+            self._packed = Packed(q_rows, k_rows, *cumulative, max(self._q_counts), max(self._k_counts))
+        return self._packed
+
     def forward(self, q, k, v, out, lse, kernel) -> None:
         """Merge every block's attention into ``out`` ``[B, L, H, D]`` and ``lse`` ``[B, L, H]`` (contiguous
         accumulators shaped like the query space), in place."""
         q_rows, k_rows, v_rows = RowSource(q), RowSource(k), RowSource(v)
         out_rows, lse_rows = out.view(-1, out.shape[-1]), lse.view(-1)
+        if kernel.backend in PACKED_BACKENDS:
+            p = self.packed()
+            block_out, block_lse = varlen_attention(
+                q_rows.take(p.q_rows).unsqueeze(1), k_rows.take(p.k_rows).unsqueeze(1),
+                v_rows.take(p.k_rows).unsqueeze(1), p.cu_q, p.cu_k, p.max_q, p.max_k, causal=self.causal,
+                scale=kernel.scale, backend=kernel.backend)
+            merged_out, merged_lse = merge_partials(out_rows.index_select(0, p.q_rows),
+                                                    lse_rows.index_select(0, p.q_rows),
+                                                    block_out.squeeze(1).to(out.dtype), block_lse.squeeze(1))
+            out_rows.index_copy_(0, p.q_rows, merged_out)
+            lse_rows.index_copy_(0, p.q_rows, merged_lse)
+            return
         for b in self.buckets:
             qb = q_rows.take(b.q_index).masked_fill_(~b.q_valid.unsqueeze(-1), 0)  # [S, Tq, D]
             kb, vb = k_rows.take(b.k_index), v_rows.take(b.k_index)  # [S, Tk, D]
@@ -140,6 +187,16 @@ class Buckets:
         sources = [RowSource(t) for t in (dout, q, out)]
         k_rows, v_rows, lse_rows = RowSource(k), RowSource(v), lse.reshape(-1)
         grad_rows = [g.view(-1, g.shape[-1]) for g in (dq, dk, dv)]
+        if kernel.backend in PACKED_BACKENDS:
+            p = self.packed()
+            doutp, qp, outp = (source.take(p.q_rows).unsqueeze(1) for source in sources)
+            grads = varlen_attention_backward(
+                doutp, qp, k_rows.take(p.k_rows).unsqueeze(1), v_rows.take(p.k_rows).unsqueeze(1), outp,
+                lse_rows.index_select(0, p.q_rows).unsqueeze(1), p.cu_q, p.cu_k, p.max_q, p.max_k,
+                causal=self.causal, scale=kernel.scale, backend=kernel.backend)
+            for grad, rows, index in zip(grads, grad_rows, (p.q_rows, p.k_rows, p.k_rows)):
+                rows.index_put_((index,), grad.squeeze(1).to(rows.dtype), accumulate=True)
+            return
         for b in self.buckets:
             pad = ~b.q_valid.unsqueeze(-1)
             doutb, qb, outb = (source.take(b.q_index).masked_fill_(pad, 0) for source in sources)  # [S, Tq, D]

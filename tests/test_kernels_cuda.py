@@ -14,6 +14,7 @@
 
 import importlib.abc
 import importlib.util
+import itertools
 import math
 import sys
 import types
@@ -23,7 +24,8 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from ring_attention import functional, kernels, ring_dilated_attention
+import reference
+from ring_attention import functional, kernels, ring_dilated_attention, varlen, varlen_kernels
 
 aten = torch.ops.aten
 CUDA_OPS = {
@@ -150,7 +152,71 @@ def _fake_backward_2_7(dout, q, k, v, out, softmax_lse, dq, dk, dv, dropout_p, s
                               (-1, -1), softcap, alibi_slopes, deterministic, rng_state)
 
 
+def _per_block(cu_q, cu_k, rows_q, rows_k, fn):
+    """Run ``fn(block query rows, block key rows)`` on every packed block (``[T, H, D]`` -> ``[1, n, H, D]``)."""
+    return [fn(slice(int(cu_q[i]), int(cu_q[i + 1])), slice(int(cu_k[i]), int(cu_k[i + 1]))) for i in
+            range(len(cu_q) - 1)]
+
+
+def _fake_varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, softmax_scale,
+                         causal, softcap, alibi_slopes, return_softmax, block_table, window_size=None,
+                         window_size_left=None, window_size_right=None, leftpad_k=None, seqused_k=None):
+    assert cu_seqlens_q.dtype == cu_seqlens_k.dtype == torch.int32 and (dropout_p, softcap, alibi_slopes) == (0.0, 0.0,
+                                                                                                           None)
+    assert (block_table, leftpad_k, seqused_k, return_softmax) == (None, None, None, False)
+    assert max_seqlen_q == int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max())
+    parts = _per_block(cu_seqlens_q, cu_seqlens_k, q, k, lambda a, b: kernels._math_forward(
+        q[a].unsqueeze(0), k[b].unsqueeze(0), v[b].unsqueeze(0), causal, softmax_scale))
+    out, lse = torch.cat([o[0] for o, _ in parts]), torch.cat([s[0] for _, s in parts]).transpose(0, 1).contiguous()
+    if window_size is not None:  # 2.6
+        return out, q, k, v, out, lse, None, torch.zeros(2, dtype=torch.int64)
+    return out, lse, torch.empty(0), torch.zeros(2, dtype=torch.int64)
+
+
+def _fake_varlen_forward_2_6(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p,
+                             softmax_scale, causal, window_size, softcap, alibi_slopes, return_softmax, block_table,
+                             leftpad_k=None, seqused_k=None):
+    assert window_size == (-1, -1)
+    return _fake_varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p,
+                                softmax_scale, causal, softcap, alibi_slopes, return_softmax, block_table,
+                                window_size=window_size, leftpad_k=leftpad_k, seqused_k=seqused_k)
+
+
+def _fake_varlen_forward_2_7(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p,
+                             softmax_scale, causal, window_size_left=-1, window_size_right=-1, softcap=0.0,
+                             alibi_slopes=None, return_softmax=False, block_table=None, leftpad_k=None,
+                             seqused_k=None, zero_tensors=False):
+    assert (window_size_left, window_size_right, zero_tensors) == (-1, -1, False)
+    return _fake_varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p,
+                                softmax_scale, causal, softcap, alibi_slopes, return_softmax, block_table,
+                                leftpad_k=leftpad_k, seqused_k=seqused_k)
+
+
+def _fake_varlen_backward_2_6(dout, q, k, v, out, softmax_lse, dq, dk, dv, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                              max_seqlen_k, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
+                              deterministic, rng_state=None):
+    assert (dropout_p, window_size, softcap, alibi_slopes) == (0.0, (-1, -1), 0.0, None)
+    assert softmax_lse.shape == (q.shape[1], q.shape[0]) and softmax_lse.is_contiguous()
+    lse = softmax_lse.transpose(0, 1)
+    for a, b in _per_block(cu_seqlens_q, cu_seqlens_k, q, k, lambda a, b: (a, b)):
+        grads = kernels._math_backward(dout[a].unsqueeze(0), q[a].unsqueeze(0), k[b].unsqueeze(0), v[b].unsqueeze(0),
+                                       out[a].unsqueeze(0), lse[a].unsqueeze(0), causal, softmax_scale)
+        for buffer, rows, grad in zip((dq, dk, dv), (a, b, b), grads):
+            buffer[rows] = grad[0]
+
+
+def _fake_varlen_backward_2_7(dout, q, k, v, out, softmax_lse, dq, dk, dv, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                              max_seqlen_k, dropout_p, softmax_scale, causal, window_size_left, window_size_right,
+                              softcap, alibi_slopes, deterministic, rng_state=None, zero_tensors=False):
+    assert (window_size_left, window_size_right, zero_tensors) == (-1, -1, False)
+    _fake_varlen_backward_2_6(dout, q, k, v, out, softmax_lse, dq, dk, dv, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                              max_seqlen_k, dropout_p, softmax_scale, causal, (-1, -1), softcap, alibi_slopes,
+                              deterministic, rng_state)
+
+
 GENERATIONS = {"2.6.3": (_fake_forward_2_6, _fake_backward_2_6), "2.8.3": (_fake_forward_2_7, _fake_backward_2_7)}
+VARLEN_GENERATIONS = {"2.6.3": (_fake_varlen_forward_2_6, _fake_varlen_backward_2_6),
+                      "2.8.3": (_fake_varlen_forward_2_7, _fake_varlen_backward_2_7)}
 
 
 class BrokenExtension(importlib.abc.MetaPathFinder, importlib.abc.Loader):
@@ -176,6 +242,8 @@ def fake_flash_attn(monkeypatch):
         package.__path__ = []  # a package, so that its submodule is looked up
         interface = types.ModuleType("flash_attn.flash_attn_interface")
         interface._flash_attn_forward, interface._flash_attn_backward = forward, backward
+        interface._flash_attn_varlen_forward, interface._flash_attn_varlen_backward = VARLEN_GENERATIONS.get(
+            version, VARLEN_GENERATIONS["2.8.3"])
         monkeypatch.setitem(sys.modules, "flash_attn", package)
         if broken:
             monkeypatch.delitem(sys.modules, "flash_attn.flash_attn_interface", raising=False)
@@ -328,3 +396,141 @@ def test_production_core_calls_only_the_chosen_kernel_correctly(monkeypatch, bac
             assert args["cum_seq_q"] is None and args["cum_seq_k"] is None
         if name == "efficient backward":
             assert args["out"].transpose(1, 2).is_contiguous() and args["logsumexp"].stride(1) % 8 == 0
+
+
+# --- the variable-length path of packed documents (ring_attention.varlen_kernels) ----------------------------------
+
+VARLEN_OPS = {aten._flash_attention_forward.default: "varlen forward",
+              aten._flash_attention_backward.default: "varlen backward"}
+
+
+class RecordVarlen(RecordCalls):
+    """Remember the dense and the variable-length attention ops that run."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        names = CUDA_OPS | VARLEN_OPS
+        if func in names:
+            values = {a.name: args[i] if i < len(args) else kwargs.get(a.name, a.default_value)
+                      for i, a in enumerate(func._schema.arguments)}
+            self.calls.append((names[func], values))
+        return func(*args, **kwargs)
+
+
+def test_varlen_schemas_are_the_ones_the_adapter_calls():
+    names = {op: [a.name for a in op._schema.arguments] for op in VARLEN_OPS}
+    assert names[aten._flash_attention_forward.default][:10] == [
+        "query", "key", "value", "cum_seq_q", "cum_seq_k", "max_q", "max_k", "dropout_p", "is_causal",
+        "return_debug_mask"]
+    assert "scale" in names[aten._flash_attention_forward.default]
+    assert names[aten._flash_attention_backward.default][:14] == [
+        "grad_out", "query", "key", "value", "out", "logsumexp", "cum_seq_q", "cum_seq_k", "max_q", "max_k",
+        "dropout_p", "is_causal", "rng_state", "unused"]
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_cuda_varlen_adapter_on_meta_tensors(causal):
+    lengths_q, lengths_k = ([1, 33, 100], [1, 33, 100]) if causal else ([1, 33, 100], [7, 64, 100])
+    cu_q, cu_k = (torch.tensor([0, *itertools.accumulate(n)], dtype=torch.int32, device="meta")
+                  for n in (lengths_q, lengths_k))
+    q = torch.empty(sum(lengths_q), 1, 64, device="meta", dtype=torch.bfloat16)
+    k, v = (torch.empty(sum(lengths_k), 1, 64, device="meta", dtype=torch.bfloat16) for _ in range(2))
+    recorder = RecordVarlen()
+    with recorder:
+        out, lse = varlen_kernels.varlen_attention(q, k, v, cu_q, cu_k, 100, 100, causal=causal, scale=0.125,
+                                                   backend="cuda_flash")
+        grads = varlen_kernels.varlen_attention_backward(q, q, k, v, out, lse, cu_q, cu_k, 100, 100, causal=causal,
+                                                         scale=0.125, backend="cuda_flash")
+    assert out.shape == q.shape and lse.shape == (q.shape[0], 1) and lse.dtype == torch.float32
+    assert [g.shape for g in grads] == [q.shape, k.shape, v.shape]
+    (forward_name, forward), (backward_name, backward) = recorder.calls
+    assert (forward_name, backward_name) == ("varlen forward", "varlen backward")
+    for args in (forward, backward):
+        assert args["cum_seq_q"] is cu_q and args["cum_seq_k"] is cu_k and (args["max_q"], args["max_k"]) == (100, 100)
+        assert args["dropout_p"] == 0.0 and args["is_causal"] == causal and args["scale"] == 0.125
+    assert forward["return_debug_mask"] is False
+    assert backward["logsumexp"].shape == (1, q.shape[0]) and backward["logsumexp"].is_contiguous()
+    assert backward["rng_state"].dtype == torch.uint64
+
+
+@pytest.mark.parametrize("version", GENERATIONS)
+@pytest.mark.parametrize("causal", [False, True])
+def test_flash_attn_varlen_adapter_fits_both_generations(fake_flash_attn, version, causal):
+    fake_flash_attn(version, *GENERATIONS[version])
+    assert kernels.flash_attn_problem() is None
+    gen = torch.Generator().manual_seed(3)
+    lengths_q, lengths_k = ([5, 1, 12], [5, 1, 12]) if causal else ([5, 1, 12], [9, 4, 3])
+    q, dout = (torch.randn(sum(lengths_q), 2, 16, generator=gen) for _ in range(2))
+    k, v = (torch.randn(sum(lengths_k), 2, 16, generator=gen) for _ in range(2))
+    cu_q, cu_k = (torch.tensor([0, *itertools.accumulate(n)], dtype=torch.int32) for n in (lengths_q, lengths_k))
+    out, lse = varlen_kernels.varlen_attention(q, k, v, cu_q, cu_k, 12, 12, causal=causal, scale=0.25,
+                                               backend="flash_attn")
+    grads = varlen_kernels.varlen_attention_backward(dout, q, k, v, out, lse, cu_q, cu_k, 12, 12, causal=causal,
+                                                     scale=0.25, backend="flash_attn")
+    for i in range(3):  # block by block, the oracle
+        a, b = slice(int(cu_q[i]), int(cu_q[i + 1])), slice(int(cu_k[i]), int(cu_k[i + 1]))
+        want_out, want_lse = kernels._math_forward(q[a][None], k[b][None], v[b][None], causal, 0.25)
+        assert torch.equal(out[a], want_out[0]) and torch.equal(lse[a], want_lse[0])
+        want = kernels._math_backward(dout[a][None], q[a][None], k[b][None], v[b][None], want_out, want_lse, causal,
+                                      0.25)
+        for grad, rows, w in zip(grads, (a, b, b), want):
+            assert torch.equal(grad[rows], w[0])
+
+
+@pytest.mark.parametrize("backend, dtype, operations", [
+    ("cuda_flash", torch.bfloat16, {"flash forward", "flash backward", "varlen forward", "varlen backward"}),
+    ("cuda_efficient", torch.float32, {"efficient forward", "efficient backward"}),
+])
+def test_packed_documents_call_only_the_chosen_kernels(monkeypatch, backend, dtype, operations):
+    # documents cut the pairs into runs of whole segments (the dense kernel on views) and short pieces: packed for
+    # the flash kernels' variable-length interface, padded buckets with a key mask for the efficient kernel
+    monkeypatch.setattr(kernels, "select_backend", lambda name, q: name)
+    monkeypatch.setattr(functional, "select_backend", lambda name, q: name)
+    recorder = RecordVarlen()
+    q, k, v = (torch.empty(2, 96, 4, 64, device="meta", dtype=dtype, requires_grad=True) for _ in range(3))
+    with recorder:
+        out = ring_dilated_attention(q, k, v, [32, 96], [1, 3], backend=backend, cu_seqlens=[0, 40, 45, 96])
+        grads = torch.autograd.grad(out, (q, k, v), torch.empty_like(out))
+    assert out.shape == q.shape and [(g.shape, g.dtype) for g in grads] == [(q.shape, dtype)] * 3
+    recorded = [name for name, _ in recorder.calls]
+    assert set(recorded) == operations
+    for name, args in recorder.calls:
+        if name == "efficient forward" and args["attn_bias"] is not None:  # a bucket's key mask, broadcast
+            bias = args["attn_bias"]
+            assert bias.stride(2) == 0 and bias.shape[-1] % 16 == 0
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_the_packed_path_is_exact_on_values(monkeypatch, causal):
+    # the flash backends' packing, merging and scattering, on the CPU: their kernels replaced by the oracle, block
+    # by block, so that the whole core runs the CUDA path's bookkeeping against the float64 reference
+    def varlen_math(q, k, v, cu_q, cu_k, max_q, max_k, *, causal, scale, backend):
+        parts = _per_block(cu_q, cu_k, q, k, lambda a, b: kernels._math_forward(q[a][None], k[b][None], v[b][None],
+                                                                               causal, scale))
+        return torch.cat([o[0] for o, _ in parts]), torch.cat([s[0] for _, s in parts])
+
+    def varlen_math_backward(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, *, causal, scale, backend):
+        grads = [torch.zeros_like(t) for t in (q, k, v)]
+        for a, b in _per_block(cu_q, cu_k, q, k, lambda a, b: (a, b)):
+            block = kernels._math_backward(dout[a][None], q[a][None], k[b][None], v[b][None], out[a][None],
+                                           lse[a][None], causal, scale)
+            for grad, rows, g in zip(grads, (a, b, b), block):
+                grad[rows] += g[0]
+        return grads
+
+    monkeypatch.setattr(kernels, "select_backend", lambda name, q: name)
+    monkeypatch.setattr(functional, "select_backend", lambda name, q: name)
+    monkeypatch.setitem(kernels._FORWARD, "cuda_flash", kernels._math_forward)
+    monkeypatch.setitem(kernels._BACKWARD, "cuda_flash", kernels._math_backward)
+    monkeypatch.setattr(varlen, "varlen_attention", varlen_math)
+    monkeypatch.setattr(varlen, "varlen_attention_backward", varlen_math_backward)
+    gen = torch.Generator().manual_seed(4)
+    q, k, v, dout = (torch.randn(2, 60, 4, 8, generator=gen, dtype=torch.float64) for _ in range(4))
+    options = dict(causal=causal, cu_seqlens=[[0, 7, 8, 60], [0, 33, 60]])
+    results = []
+    for fn, extra in ((ring_dilated_attention, dict(backend="cuda_flash")), (reference.dilated_attention, {})):
+        leaves = [t.clone().requires_grad_(True) for t in (q, k, v)]
+        out = fn(*leaves, [16, 32], [1, 3], **options, **extra)
+        results.append([out.detach(), *torch.autograd.grad(out, leaves, dout)])
+    for ours, truth in zip(*results):
+        assert (ours - truth).abs().max() < 1e-12 * truth.abs().max()

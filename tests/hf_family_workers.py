@@ -2,20 +2,25 @@
 
 `FAMILIES` is the one list behind both tests/test_hf_families.py and the families table of docs/huggingface.md
 (`table` renders its rows; a test checks the page holds them). `battery` runs on 2 gloo ranks, once for all
-families, and returns what each case gave: losses and gradients, or the error every rank raised.
+families and the packed batches of `hf_packing_workers` (`battery_on_two_ranks`: one start of the processes for
+test_hf_families.py and test_hf_packing.py), and returns what each case gave: losses and gradients, or the error
+every rank raised.
 """
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass, field
 
+import hf_packing_workers as hp
 import hf_workers as hw
 import torch
 import torch.distributed as dist
 import transformers
 
 import ring_attention.hf as hf
+from lessons.launch import run_on_ranks
 from ring_attention.hf import apply_ring_dilated_attention, shard_batch
 
 EXACT, ONE_PROCESS, NOT_WITH_A_GROUP, TEXT_MODEL, REFUSED = (
@@ -87,7 +92,8 @@ FAMILIES = [
     Family("gpt_neox", EXACT, "", _small()),
     Family("olmo", EXACT, "", _small()),
     Family("olmo2", EXACT, "", _small()),
-    Family("stablelm", EXACT, "", _small()),
+    Family("stablelm", EXACT, "packed documents and padding refused: its layers do not receive `cu_seq_lens_q`",
+           _small()),
     Family("starcoder2", EXACT, "built or loaded with `sliding_window=None`", _small(sliding_window=None)),
     Family("gpt2", EXACT, "learned absolute positions (from `shard_batch`'s global `position_ids`)",
            dict(vocab_size=hw.VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=2 * hw.SEQ, attn_pdrop=0.0,
@@ -99,7 +105,8 @@ FAMILIES = [
            "text-only batches tested", _LLAVA, "LlavaForConditionalGeneration",
            (TypeError, r"has sub-models with their own configs .* apply_ring_dilated_attention\("
                        r"model.model.language_model, \.\.\.\)"), "apply"),
-    Family("lfm2", ONE_PROCESS, "short convolutions beside attention see only a rank's slice",
+    Family("lfm2", ONE_PROCESS, "short convolutions beside attention see only a rank's slice (and would cross "
+           "packed documents: refused)",
            _small(layer_types=["conv", "full_attention"]),
            error=(TypeError, "Lfm2ForCausalLM mixes the sequence with Lfm2ShortConv beside attention"),
            refused_by="apply"),
@@ -183,20 +190,35 @@ def battery(rank, world_size):
     results["llama", "small buckets"] = hw.loss_and_gradients(model, hw.batch(), group)
     hf._SMALL_BYTES, hf._BUCKET_BYTES = limits
     results["refused"] = refused_on_one_rank(model, group)
+    results["packing"] = hp.on_ranks(group)
     return results
+
+
+@functools.cache
+def battery_on_two_ranks() -> list[dict]:
+    """`battery`'s results on 2 gloo ranks, one per rank; run once per test session."""
+    return run_on_ranks(battery, 2)
 
 
 def refused_on_one_rank(model, group) -> dict:
     """Inputs whose fault only one rank sees, as a data loader hands them over: every rank must raise."""
+    rank = dist.get_rank(group)
     ids, positions, _ = shard_batch(hw.batch(2), process_group=group)
     padding = torch.ones(2, hw.SEQ, dtype=torch.long)
     padding[1, -5:] = 0  # right padding: only the last rank's slice has zeros
     packed = torch.cat([torch.arange(40), torch.arange(24)]).expand(2, hw.SEQ)  # a second document from 40 on
     mask = shard_batch(padding, process_group=group)[0]
-    packed = shard_batch(packed, process_group=group)[0]
+    _, packed, _, documents = shard_batch(hw.batch(2), position_ids=packed, process_group=group)
+    # documents that differ in rank 1's half only: rank 0's positions fit both, so only the operator's check sees it
+    other = torch.tensor([0, 40, 50, 64, 104, 128], dtype=torch.int32)
+    shifted = packed + (rank == 1)  # rank 1's positions count from 1
     return {
         "padding": raised(model, input_ids=ids, position_ids=positions, attention_mask=mask),
         "no position_ids": raised(model, input_ids=ids),
         "packed": raised(model, input_ids=ids, position_ids=packed),
         "packed, no cache": raised(model, input_ids=ids, position_ids=packed, use_cache=False),
+        "documents differ": raised(model, input_ids=ids, position_ids=packed,
+                                   cu_seq_lens_q=other if rank == 0 else documents),
+        "positions off": raised(model, input_ids=ids, position_ids=shifted, cu_seq_lens_q=documents),
+        "not divisible": raised(shard_batch, hw.batch(2)[:, :63], process_group=group),
     }

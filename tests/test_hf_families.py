@@ -10,7 +10,6 @@ import hf_workers as hw
 import pytest
 from helpers import rel_err
 
-from lessons.launch import run_on_ranks
 from ring_attention.hf import apply_ring_dilated_attention
 
 ON_ONE_PROCESS = [f for f in fw.FAMILIES if f.status in (fw.EXACT, fw.TEXT_MODEL, fw.ONE_PROCESS)]
@@ -37,7 +36,7 @@ def test_the_dense_pair_equals_sdpa(family):
 
 
 def test_two_ranks_equal_one_process_and_refuse_together():
-    per_rank = run_on_ranks(fw.battery, 2)  # a rank left waiting would end it with a TimeoutError
+    per_rank = fw.battery_on_two_ranks()  # a rank left waiting would end it with a TimeoutError
     for family in TWO_RANKS:
         model = family.build()
         apply_ring_dilated_attention(family.target(model), *hw.PAIRS)
@@ -55,16 +54,28 @@ def test_two_ranks_equal_one_process_and_refuse_together():
                 assert re.search(message, results[family.model_type][1]), family.model_type
     # a fault in one rank's data only: every rank raises the same error, which names that rank and the cause
     expected = {
-        "padding": ("NotImplementedError", "rank 1: a padding attention_mask is not supported"),
+        "padding": ("NotImplementedError", "rank 1: a padding attention_mask is not supported by the model call: give "
+                                           "the full [batch, seq] mask to shard_batch(..., attention_mask=mask)"),
         "no position_ids": ("ValueError", "rank 1: position_ids start at 0 where this rank's tokens are positions "
                                           "32..63 of the sequence: pass shard_batch's position_ids"),
-        "packed": ("NotImplementedError", "rank 1: position_ids that restart inside a row (packed sequences)"),
-        "packed, no cache": ("NotImplementedError", "rank 1: position_ids that restart inside a row"),
+        "packed": ("ValueError", "rank 1: position_ids restart inside a row (packed documents), but the attention "
+                                 "layers were given no documents"),
+        "packed, no cache": ("ValueError", "rank 1: position_ids restart inside a row (packed documents)"),
+        "positions off": ("ValueError", "rank 1: position_ids do not number the documents of cu_seq_lens_q from 0: "
+                                        "token 32 of row 0 has position 33 but is token 32 of its document"),
     }
     for case, (kind, message) in expected.items():
         errors = [results["refused"][case] for results in per_rank]
         assert errors[0] == errors[1], case
         assert errors[0][0] == kind and message in errors[0][1] and "rank 0" not in errors[0][1], (case, errors[0])
+    # the operator's own agreement check: documents that differ where only one rank's positions could tell
+    for results in per_rank:
+        kind, message = results["refused"]["documents differ"]
+        assert kind == "ValueError" and "the q/k shards or the cu_seqlens differ between the ranks" in message
+    assert per_rank[0]["refused"]["not divisible"] == per_rank[1]["refused"]["not divisible"] == (
+        "ValueError", "the 63 tokens of each sequence do not split into 2 equal shards: pass the batch's "
+                      "attention_mask (e.g. torch.ones_like(input_ids)) to shard_batch to pad it with a filler "
+                      "document, and call the model with the cu_seq_lens_q it then returns")
 
 
 @pytest.mark.parametrize("family", REFUSED_ALONE, ids=lambda f: f.model_type)

@@ -9,7 +9,7 @@ import hf_workers as hw
 import pytest
 import torch
 from helpers import rel_err
-from transformers import AttentionInterface, DataCollatorWithFlattening, Qwen2ForCausalLM
+from transformers import AttentionInterface, Qwen2ForCausalLM
 
 from ring_attention.hf import apply_ring_dilated_attention
 
@@ -36,7 +36,8 @@ def test_the_operator_refuses_what_it_cannot_honour():
         sliding(input_ids=ids)
     packed = torch.cat([torch.arange(32), torch.arange(32)]).expand(2, 64)  # two sequences packed in one row
     for use_cache in (True, False):  # without a cache transformers also asks for a packed mask
-        with pytest.raises(NotImplementedError, match=r"position_ids that restart inside a row \(packed sequences\)"):
+        with pytest.raises(ValueError, match=r"position_ids restart inside a row \(packed documents\), but the "
+                                             r"attention layers were given no documents"):
             model(input_ids=ids, position_ids=packed, use_cache=use_cache)
     with pytest.raises(TypeError, match="model must be a transformers PreTrainedModel, got Linear"):
         apply_ring_dilated_attention(torch.nn.Linear(2, 2), [8], [1])
@@ -50,7 +51,8 @@ def test_every_keyword_is_used_harmless_or_refused():
     q, k, v = (torch.randn(1, heads, hw.SEQ, 8, generator=gen, dtype=torch.float64) for heads in (4, 2, 2))
     plain = forward(layer, q, k, v, None)[0]
     harmless = dict(use_cache=True, num_items_in_batch=torch.tensor(9), output_attentions=False, position_bias=None,
-                    position_ids=torch.arange(hw.SEQ)[None], sliding_window=None, softcap=None)
+                    position_ids=torch.arange(hw.SEQ)[None], sliding_window=None, softcap=None, max_length_q=64,
+                    max_length_k=64, cu_seq_lens_q=torch.tensor([0, hw.SEQ]), cu_seq_lens_k=torch.tensor([0, hw.SEQ]))
     assert torch.equal(forward(layer, q, k, v, None, **harmless)[0], plain)
     refused = [
         (NotImplementedError, dict(position_bias=torch.zeros(1, 4, hw.SEQ, hw.SEQ)), r"position_bias \(an additive"),
@@ -59,7 +61,6 @@ def test_every_keyword_is_used_harmless_or_refused():
         (NotImplementedError, dict(output_attentions=True), "output_attentions=True is not supported"),
         (NotImplementedError, dict(softcap=50.0), r"softcap=50.0 \(attention logit soft-capping\)"),
         (NotImplementedError, dict(sliding_window=16), r"sliding_window=16 is not supported: .* sliding_window=None"),
-        (NotImplementedError, dict(cu_seq_lens_q=torch.tensor([0, 32, 64])), r"cu_seq_lens_q \(packed sequences"),
         (TypeError, dict(indices=torch.zeros(3)), r"passed indices=a tensor of shape \(3,\), which ring dilated "
                                                   r"attention does not use"),
         (TypeError, dict(chunk_size=16), "passed chunk_size=16, which ring dilated attention does not use"),
@@ -75,9 +76,6 @@ def test_every_keyword_is_used_harmless_or_refused():
         model(input_ids=ids, output_attentions=True)
     with pytest.raises(TypeError, match=r"passed extra=a tensor of shape \(2,\)"):
         model(input_ids=ids, extra=torch.zeros(2))
-    flattened = DataCollatorWithFlattening(return_flash_attn_kwargs=True)([{"input_ids": list(range(1, 33))}] * 2)
-    with pytest.raises(NotImplementedError, match=r"cu_seq_lens_q \(packed sequences, as DataCollatorWithFlattening"):
-        model(**{key: value for key, value in flattened.items() if key != "labels"})
 
 
 def test_unequal_key_and_value_head_sizes_are_exact():

@@ -2,13 +2,18 @@
 
     torchrun --nproc-per-node 2 examples/hf_llama_sequence_parallel.py            # CPU, gloo
     torchrun --nproc-per-node 8 examples/hf_llama_sequence_parallel.py --cuda     # GPUs, NCCL
+    torchrun --nproc-per-node 2 examples/hf_llama_sequence_parallel.py --packed   # packed documents
     TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 torchrun --standalone --nproc-per-node 2 --max-restarts 1 \
         examples/hf_llama_sequence_parallel.py --checkpoint-dir checkpoints                  # survives a lost rank
 
 A character-level ``LlamaForCausalLM`` (built from a config, nothing downloaded) learns a text file (by default
 a text generated here from a few templates, the same on every run). Every rank holds one contiguous slice of each
-512-token sequence: ``apply_ring_dilated_attention``, ``shard_batch`` and ``sequence_parallel_loss`` are the three
-lines that make a Hugging Face training loop sequence-parallel. The loss printed is the loss of whole sequences.
+512-token sequence: ``apply_ring_dilated_attention``, ``shard_batch`` and ``sequence_parallel_loss``, with
+``sum_gradients`` after the backward, are the lines that make a Hugging Face training loop sequence-parallel. The loss
+printed is the loss of whole sequences. With ``--packed`` each step is one row of documents (1 to 16 sentences each)
+laid end to end by ``transformers``' ``DataCollatorWithFlattening``: ``shard_batch`` turns its restarting positions
+into the documents' boundaries, which the model call hands to the attention layers, and no token attends across a
+document.
 
 With ``--checkpoint-dir``, every ``--checkpoint-every`` steps all ranks save a distributed checkpoint
 (``torch.distributed.checkpoint``: the model, the optimizer, the step and the state of the batch sampler), and
@@ -33,7 +38,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from tqdm import tqdm
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import DataCollatorWithFlattening, LlamaConfig, LlamaForCausalLM
 
 from ring_attention.hf import apply_ring_dilated_attention, sequence_parallel_loss, shard_batch, sum_gradients
 
@@ -49,6 +54,31 @@ def generated_text(sentences: int = 4000) -> str:
     how = ["in order", "twice", "exactly", "at every step", "without a copy", "to its neighbour"]
     return " ".join(f"{rng.choice(who)} {rng.choice(does)} {rng.choice(what)} {rng.choice(how)}."
                     for _ in range(sentences))
+
+
+def documents_of(text: str, longest: int) -> list[str]:
+    """``--packed``: the text cut into documents of 1 to 16 consecutive sentences (at most ``longest`` characters),
+    the same documents on every run."""
+    rng = random.Random(2)
+    sentences = [sentence.strip() + "." for sentence in text.split(".") if sentence.strip()]
+    documents, start = [], 0
+    while start < len(sentences):
+        count = rng.randint(1, 16)
+        documents.append(" ".join(sentences[start: start + count])[:longest])
+        start += count
+    return documents
+
+
+def packed_batch(documents: list[torch.Tensor], tokens: int, generator: torch.Generator) -> dict:
+    """``--packed``: documents drawn at random until ``tokens`` are filled (the last one cut short), laid end to end
+    in one row by ``DataCollatorWithFlattening``: ``position_ids`` restart at 0 in each document, and the labels
+    hold ``-100`` on each document's first token."""
+    features, filled = [], 0
+    while filled < tokens:
+        document = documents[int(torch.randint(len(documents), (), generator=generator))][: tokens - filled]
+        features.append({"input_ids": document.tolist()})
+        filled += len(document)
+    return DataCollatorWithFlattening()(features)
 
 
 class TrainingState:
@@ -93,6 +123,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--cuda", action="store_true", help="one GPU per process, NCCL")
+    parser.add_argument("--packed", action="store_true", help="train on packed documents of 1 to 16 sentences of "
+                        "the text: --batch x 512 tokens per step in one row, each document attending only to itself")
     parser.add_argument("--loss-log", type=Path, help="append each step's loss here, all digits (a step computed "
                         "again after a restart appears again)")
     parser.add_argument("--checkpoint-dir", type=Path, help="save checkpoints here and resume from the last one")
@@ -120,6 +152,8 @@ def main() -> None:
     vocab = sorted(set(text))
     ids = torch.tensor([vocab.index(c) for c in text])
     seq_len = SEGMENTS[-1]
+    index = {c: i for i, c in enumerate(vocab)}
+    documents = [torch.tensor([index[c] for c in d]) for d in documents_of(text, seq_len)] if args.packed else []
 
     torch.manual_seed(0)  # the same initial model on every rank
     config = LlamaConfig(vocab_size=len(vocab), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
@@ -140,10 +174,18 @@ def main() -> None:
     for step in progress:
         if step == args.fail_at_step and first_attempt and rank == dist.get_world_size() - 1:
             os.kill(os.getpid(), signal.SIGKILL)  # as a crash would: no exception, no clean-up
-        starts = torch.randint(0, len(ids) - seq_len, (args.batch,), generator=batches)
-        input_ids = torch.stack([ids[s: s + seq_len] for s in starts.tolist()]).to(device)
-        input_ids, position_ids, labels = shard_batch(input_ids, process_group=sequence_group)  # 2
-        logits = model(input_ids=input_ids, position_ids=position_ids, use_cache=False).logits
+        if args.packed:  # documents laid end to end: shard_batch also returns their boundaries for the model
+            batch = packed_batch(documents, args.batch * seq_len, batches)
+            input_ids, position_ids, labels, cu_seq_lens_q = shard_batch(  # 2
+                batch["input_ids"].to(device), batch["labels"].to(device),
+                position_ids=batch["position_ids"].to(device), process_group=sequence_group)
+            logits = model(input_ids=input_ids, position_ids=position_ids, cu_seq_lens_q=cu_seq_lens_q,
+                           use_cache=False).logits
+        else:
+            starts = torch.randint(0, len(ids) - seq_len, (args.batch,), generator=batches)
+            input_ids = torch.stack([ids[s: s + seq_len] for s in starts.tolist()]).to(device)
+            input_ids, position_ids, labels = shard_batch(input_ids, process_group=sequence_group)  # 2
+            logits = model(input_ids=input_ids, position_ids=position_ids, use_cache=False).logits
         loss = sequence_parallel_loss(logits, labels, process_group=sequence_group)  # 3: this rank's share
         optimizer.zero_grad()
         loss.backward()

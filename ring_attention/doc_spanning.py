@@ -97,6 +97,11 @@ class SpanningStreams:
 
     def backward(self, dout, q, k, v, out, lse, grads, kept) -> None:
         plan, group = self.plan, self.group
+        if kept is None:  # nothing kept between the passes (ring_attention.ops): the tables are filled again
+            (q_table,) = fill_tables(plan.q_moves, [q], plan.q_size, group)
+            k_table, v_table = fill_tables(plan.k_moves, [k, v], plan.k_size, group)
+            kept = (q_table, *self._gather(k_table, v_table)) if plan.gathered is not None else (q_table, k_table,
+                                                                                                 v_table)
         dout_table, out_table, lse_table = fill_tables(plan.q_moves, [dout, out, lse.unsqueeze(-1)], plan.q_size,
                                                        group)
         acc_dtype = lse_dtype(q.dtype)

@@ -20,6 +20,7 @@ import contextlib
 import functools
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -32,7 +33,7 @@ from ring_attention.pattern import as_row_viewable, plan_pairs
 from ring_attention.spanning import BlockKernel
 from ring_attention.tiled import tiled_parts
 from ring_attention.ulysses import AllToAll, check_ulysses_size, ulysses_groups
-from ring_attention.validation import CuSeqlens, check_cu_seqlens, check_pairs, check_qkv, tiles_shards
+from ring_attention.validation import Boundaries, CuSeqlens, check_cu_seqlens, check_pairs, check_qkv, tiles_shards
 
 COMM_MODES = ("ring", "allgather")
 
@@ -150,39 +151,71 @@ def ring_dilated_attention(
     if not isinstance(load_balance, bool):
         raise TypeError(f"load_balance must be True or False, got {load_balance!r}")
     pg = C.resolve_group(group)
-    _, size = C.group_rank_and_size(pg)
+    size = 1 if pg is None else pg.size()
     batch, shard, heads, head_dim = q.shape
-    kv_heads = k.shape[2]
-    check_ulysses_size(ulysses_size, size, heads, kv_heads)
-    rows = None if cu_seqlens is None else check_cu_seqlens(cu_seqlens, shard * size, batch, q.device)
-    if size > 1:
-        C.check_same_shards(q, k, pg, documents_fingerprint(rows))
+    check_ulysses_size(ulysses_size, size, heads, k.shape[2])
+    check_pairs(segment_lengths, dilation_rates)  # before they become the cache key
+    config = CallConfig(segment_lengths=tuple(segment_lengths), dilation_rates=tuple(dilation_rates), causal=causal,
+                        head_mode=head_mode, comm=comm, backend=backend, scale=scale or 1.0 / math.sqrt(head_dim),
+                        load_balance=load_balance, ulysses_size=ulysses_size, num_heads=heads, num_kv_heads=k.shape[2])
     device_type = q.device.type
     autocast = torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
     if autocast and q.dtype == torch.float32:
         low = torch.get_autocast_dtype(device_type)
         q, k, v = q.to(low), k.to(low), v.to(low)
-    check_pairs(segment_lengths, dilation_rates)  # before they become the cache key
-    pairs_group, local_heads = pg, range(heads)
+    if torch.compiler.is_compiling():  # the same computation as custom ops: no graph break (ring_attention.ops)
+        from ring_attention.ops import compiled_attention
+
+        return compiled_attention(q, k, v, cu_seqlens, config, pg)
+    rows = None if cu_seqlens is None else check_cu_seqlens(cu_seqlens, shard * size, batch, q.device)
+    if size > 1:
+        C.check_same_shards(q, k, pg, documents_fingerprint(rows))
     if ulysses_size > 1:  # sequence shards -> head shards of the sub-group's U L tokens; pairs over the inter-group
-        sub, pairs_group = ulysses_groups(pg, ulysses_size)
-        part = dist.get_rank(sub)
-        local_heads = range(part * heads // ulysses_size, (part + 1) * heads // ulysses_size)
+        sub = ulysses_groups(pg, ulysses_size)[0]
         q, k, v = (AllToAll.apply(t, sub, True) for t in (q, k, v))  # [B, U L, H / U, D]
-    seq_len, pairs_size = shard * size, size // ulysses_size
-    pairs = tuple(segment_lengths), tuple(dilation_rates)
-    kernel = BlockKernel(causal, scale or 1.0 / math.sqrt(head_dim), select_backend(backend, q))
-    pairs_rank = C.group_rank_and_size(pairs_group)[0]
-    if (rows is None or all(bounds == (0, seq_len) for bounds in rows)) and tiles_shards(seq_len, pairs_size, *pairs):
-        layouts = _plan(seq_len, pairs_size, *pairs, heads, head_mode, kv_heads, q.device, local_heads)
-        parts = tiled_parts(layouts, kernel, comm, pairs_group, pairs_rank, load_balance)
-    else:
-        plans = _document_plan(rows or ((0, seq_len),), seq_len, pairs_size, pairs_rank, *pairs, heads, head_mode,
-                               kv_heads, q.shape[0], causal, q.device, local_heads, comm, load_balance)
-        parts = [LocalPieces(plan, kernel) if isinstance(plan, LocalPlan) else SpanningStreams(plan, kernel,
-                                                                                                pairs_group)
-                 for plan in plans]
+    parts = call_parts(q, rows, config, pg)
     q, k, v = (as_row_viewable(t) for t in (q, k, v))  # rows are read through strided views
     with _autocast_off(device_type):
         out = _DilatedAttention.apply(q, k, v, parts)
     return AllToAll.apply(out, sub, False) if ulysses_size > 1 else out  # this rank's rows, every head
+
+
+@dataclass(frozen=True)
+class CallConfig:
+    """What a call computes, besides its tensors: the pairs, the heads (global counts) and how to run them."""
+
+    segment_lengths: tuple[int, ...]
+    dilation_rates: tuple[int, ...]
+    causal: bool
+    head_mode: str
+    comm: str
+    backend: str
+    scale: float
+    load_balance: bool
+    ulysses_size: int
+    num_heads: int
+    num_kv_heads: int
+
+
+def call_parts(q: torch.Tensor, rows: Boundaries | None, config: CallConfig, group) -> list:
+    """The parts of a call on this rank's ``q`` (after the all-to-all when ``ulysses_size > 1``), from the plan:
+    the tiled layout's pairs, or the documents' pieces."""
+    size = 1 if group is None else group.size()
+    pairs_group, local_heads = group, range(config.num_heads)
+    if config.ulysses_size > 1:
+        sub, pairs_group = ulysses_groups(group, config.ulysses_size)
+        part, per_part = dist.get_rank(sub), config.num_heads // config.ulysses_size
+        local_heads = range(part * per_part, (part + 1) * per_part)
+    pairs_size = size // config.ulysses_size
+    seq_len = q.shape[1] * pairs_size
+    pairs = config.segment_lengths, config.dilation_rates
+    kernel = BlockKernel(config.causal, config.scale, select_backend(config.backend, q))
+    pairs_rank = C.group_rank_and_size(pairs_group)[0]
+    heads, kv_heads, mode = config.num_heads, config.num_kv_heads, config.head_mode
+    if (rows is None or all(bounds == (0, seq_len) for bounds in rows)) and tiles_shards(seq_len, pairs_size, *pairs):
+        layouts = _plan(seq_len, pairs_size, *pairs, heads, mode, kv_heads, q.device, local_heads)
+        return tiled_parts(layouts, kernel, config.comm, pairs_group, pairs_rank, config.load_balance)
+    plans = _document_plan(rows or ((0, seq_len),), seq_len, pairs_size, pairs_rank, *pairs, heads, mode, kv_heads,
+                           q.shape[0], config.causal, q.device, local_heads, config.comm, config.load_balance)
+    return [LocalPieces(plan, kernel) if isinstance(plan, LocalPlan) else SpanningStreams(plan, kernel, pairs_group)
+            for plan in plans]

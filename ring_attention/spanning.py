@@ -105,9 +105,13 @@ class SpanningPair:
 
     def backward(self, dout, q, k, v, out, lse, kept):
         """dq of this rank's rows, and dk, dv of its own keys with every rank's contribution added. ``out`` and
-        ``lse`` are the rows' global ones (merged over every pair); ``kept`` is what `forward` returned."""
+        ``lse`` are the rows' global ones (merged over every pair); ``kept`` is what `forward` returned (``None``:
+        re-lay q, k, v again, as a backward that cannot hold Python state between the passes does: the custom
+        ops of `ring_attention.ops`)."""
         if self.balance:
             dout, out, lse = self._relayout([dout, out, lse], True)
+            if kept is None:
+                kept = tuple(self._relayout([q] if self.gather else [q, k, v], True))
             q, k, v = kept if not self.gather else (*kept, k, v)
         acc_dtype = lse_dtype(q.dtype)
         dq = torch.zeros(q.shape, dtype=acc_dtype, device=q.device)

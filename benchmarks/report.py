@@ -23,9 +23,12 @@ def table(header: list[str], rows: list[list]) -> str:
     return "\n".join(lines)
 
 
-def section(title: str, record: dict, plot: str | None, body: str) -> str:
+def section(title: str, record: dict, plot: str | None, body: str, install: str | None = None) -> str:
+    """A page section: the command that wrote ``record`` (after ``install``, the extra it needs), its date, its plot
+    and ``body``."""
     image = f"\n![{title}](benchmark-results/{plot})\n" if plot else ""
-    return (f"## {title}\n\n```bash\n{record['command'].replace('python3 ', 'python ')}\n```\n\n"
+    command = record["command"].replace("python3 ", "python ")
+    return (f"## {title}\n\n```bash\n{install + chr(10) if install else ''}{command}\n```\n\n"
             f"Run on {record['date']}.\n{image}\n{body}\n")
 
 
@@ -70,13 +73,16 @@ def ring_overhead() -> str:
              f"{x['total_bytes'] / 2**20:.2f}"] for x in res["rows"]]
     body = (f"N = {res['seq_len']}, pairs {res['pairs']}, causal, float32, with causal load balance off and on. The "
             f"P processes share this machine's {r['machine']['cores']} cores, so the time ratio includes that "
-            f"contention. The bytes each rank receives in the forward equal the Concepts page's formulas exactly "
-            f"(the script stops otherwise): `(G - 1) L / r` tokens of K and V per spanning pair, plus, balanced, "
-            f"the halves of the re-laid rows that change rank (q, k, v into the zigzag order for the ring, q alone "
-            f"for the all-gather; the output and its LSE back). The last column is forward + backward, the most of "
-            f"any rank.\n\n"
+            f"contention. The script checks that the bytes each rank receives, in the forward and in forward + "
+            f"backward, equal `ring_attention.cost.received_bytes` exactly on every rank (it stops otherwise): "
+            f"`(G - 1) L / r` "
+            f"tokens of K and V per spanning pair in the forward, and in the backward K and V again with their dK, dV "
+            f"accumulators; balanced, the halves of the re-laid rows that change rank (q, k, v into the zigzag order "
+            f"for the ring, q alone for the all-gather, kept for the backward; the output and its LSE back; in the "
+            f"backward dO and the rows' global output and LSE in, the gradients back). The MiB columns are the most "
+            f"of any rank.\n\n"
             + table(["comm", "balanced", "P", "fwd+bwd (s)", "x one process", "waiting (s)",
-                     "forward MiB (= formula)", "fwd+bwd MiB"], rows))
+                     "forward MiB", "fwd+bwd MiB"], rows))
     return section("Ring overhead at equal work", r, "ring_overhead.png", body)
 
 
@@ -132,7 +138,8 @@ def vs_public() -> str:
             f"what this configuration gives; the package may intend a usage we did not reproduce.\n\n"
             + table(["project", "P", "causal", "fwd+bwd float32 (s)", "float32 errors", "dk, best rank shift",
                      "float64"], rows))
-    return section("Side by side with ring-attention-pytorch", r, "vs_public.png", body)
+    return section("Side by side with ring-attention-pytorch", r, "vs_public.png", body,
+                   install='pip install -e ".[bench]"   # ring-attention-pytorch, the package compared')
 
 
 def overhead() -> str:
@@ -198,11 +205,16 @@ def comm_families() -> str:
             f"{res['head_dim']}, {res['dtype']}, not causal, on P gloo processes sharing this machine's "
             f"{r['machine']['cores']} cores: "
             f"the ring, the all-gather, all-to-all over heads across all P ranks, and the hybrid (all-to-all in "
-            f"pairs of ranks, the ring across them). Bytes: what a rank receives, equal to the formulas of "
-            f"`lessons/comm_volume.py` (the script stops otherwise). With LongNet pairs the ring and the all-gather "
-            f"send less than all-to-all while a shard is long compared with the w / r rows a query attends to "
-            f"(P = 2 and 4 here); at P = 8 the shards are as long as w / r and all-to-all sends less, as it always "
-            f"does for the dense pair (lesson 7 explains why).\n\n"
+            f"pairs of ranks, the ring across them). Bytes: what a rank receives, equal to "
+            f"`ring_attention.cost.received_bytes` on every rank (the script stops otherwise). With LongNet pairs the "
+            f"ring and the all-gather send less than all-to-all while a shard is long compared with the w / r rows a "
+            f"query attends to (P = 2 and 4 here); at P = 8 the shards are as long as w / r and all-to-all sends less, "
+            f"as it does here for the dense pair at every P. That last point holds because this problem has as many "
+            f"kv heads as heads: the ring family moves only the kv heads' keys and values, all-to-all moves q, k, v "
+            f"and the output (and their gradients) for every head, so grouped-query attention favours the ring "
+            f"family. With 64 heads on 8 kv heads of 128, N = 8192, the dense pair in bf16, the all-gather sends the "
+            f"least at P = 2 and 4 and all-to-all only at P = 8 (lesson 7 derives the formulas and prints these "
+            f"numbers).\n\n"
             + table(["pairs", "P", "family", "MiB received / rank", "fwd+bwd (s)"], rows))
     return section("The three families and the hybrid", r, "comm_families.png", body)
 
@@ -244,12 +256,21 @@ def gpu() -> str:
     return section("The GPU check", r, None, body)
 
 
+# `--quick` runs, measured with `/usr/bin/time python benchmarks/NAME.py --quick` on 2026-11-29 on the machine of the
+# committed results while other jobs shared its 2 cores: (wall seconds, CPU seconds of all its processes)
+QUICK_RUNS = {"ring_overhead": (75, 52), "comm_families": (58, 45), "overhead": (196, 118), "kernels": (596, 406),
+              "scaling": (64, 55), "memory": (44, 68), "million_tokens": (492, 463), "balance": (35, 31)}
+
+
 def main() -> None:
     machine = load("kernels")["machine"]
+    quick = ", ".join(f"`{name}` {wall} s ({cpu} s)" for name, (wall, cpu) in QUICK_RUNS.items())
     intro = (f"# Benchmarks\n\nBenchmarks are scripts in `benchmarks/`, not tests. Each writes a JSON of its numbers "
              f"(with the machine, torch version, thread count and command line) and its plots to "
              f"`benchmarks/results/`; this page is generated from those files by `python benchmarks/report.py`. "
-             f"Every script also has a `--quick` mode (under a minute).\n\nMachine: {machine['cpu']}, "
+             f"Every script also has a `--quick` mode, a smaller run written to `benchmarks/results/quick/` (not "
+             f"committed) that checks the script works. Measured here with `/usr/bin/time` while other jobs shared "
+             f"the cores, wall time (CPU time of all its processes): {quick}.\n\nMachine: {machine['cpu']}, "
              f"{machine['cores']} cores, {machine['memory_gib']} GiB, torch {machine['torch']}, no GPU. The GPU "
              f"numbers, where they exist, are in the last section, with the GPU and versions they came from.\n")
     parts = [intro, kernels(), scaling(), overhead(), ring_overhead(), memory(), million_tokens(), balance(),

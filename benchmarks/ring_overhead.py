@@ -13,7 +13,8 @@ output and log-sum-exp back; and every call's agreement check brings 10 integers
 forward's and the forward + backward's bytes must equal ``ring_attention.cost.received_bytes`` on every rank:
 the script stops otherwise. On this machine all P
 processes share the same cores, so the P-rank time includes that contention: the ratio is an upper bound
-of the overhead, not a speed-up measurement.
+of the overhead, not a speed-up measurement. The four cases of one P run one after the other in the same
+processes. ``--quick`` runs N = 4096 on P = 2 and 4.
 """
 
 from __future__ import annotations
@@ -60,53 +61,62 @@ class Waiting:
         return wrapper
 
 
-def measure(rank: int, world_size: int, seq_len: int, mode: str, load_balance: bool = False) -> dict:
+def measure(rank: int, world_size: int, seq_len: int, cases: list[tuple[str, bool]]) -> list[dict]:
+    """Every ``(comm mode, load balance)`` case in turn, in the same processes (a start costs seconds here)."""
     shard = seq_len // world_size
     gen = torch.Generator().manual_seed(rank)
     q, k, v, dout = (torch.randn(1, shard, HEADS, HEAD_DIM, generator=gen, requires_grad=i < 3) for i in range(4))
     group = dist.group.WORLD if world_size > 1 else None
     segments, rates = pairs(seq_len)
-
-    def step():
-        with counting_received_bytes() as received:
-            out = ring_dilated_attention(q, k, v, segments, rates, causal=True, group=group, comm=mode,
-                                         load_balance=load_balance)
-            forward_bytes = received["bytes"]
-            torch.autograd.grad(out, (q, k, v), dout)
-        return forward_bytes, received["bytes"]
-
     waiting = Waiting()
-    step()  # warm-up: connections and process groups
-    waiting.seconds = 0.0
-    start = time.perf_counter()
-    forward_bytes, total_bytes = step()
-    seconds = time.perf_counter() - start
-    return dict(seconds=seconds, wait=waiting.seconds, forward_bytes=forward_bytes, total_bytes=total_bytes)
+    results = []
+    for mode, load_balance in cases:
+
+        def step(mode=mode, load_balance=load_balance):
+            with counting_received_bytes() as received:
+                out = ring_dilated_attention(q, k, v, segments, rates, causal=True, group=group, comm=mode,
+                                             load_balance=load_balance)
+                forward_bytes = received["bytes"]
+                torch.autograd.grad(out, (q, k, v), dout)
+            return forward_bytes, received["bytes"]
+
+        step()  # warm-up: connections and process groups
+        waiting.seconds = 0.0
+        start = time.perf_counter()
+        forward_bytes, total_bytes = step()
+        seconds = time.perf_counter() - start
+        results.append(dict(seconds=seconds, wait=waiting.seconds, forward_bytes=forward_bytes,
+                            total_bytes=total_bytes))
+    return results
 
 
 def main() -> None:
     args = parse_args(__doc__)
     out = output_dir(args.quick)
     seq_len, world_sizes = (4096, [2, 4]) if args.quick else (16384, [2, 4, 8])
-    single = run_on_ranks(measure, 1, seq_len, "ring")[0]
+    single = run_on_ranks(measure, 1, seq_len, [("ring", False)])[0][0]
     rows = [dict(mode="one process", load_balance=False, world_size=1, seconds=single["seconds"], wait=0.0,
                  forward_bytes=0, total_bytes=0, ratio=1.0)]
     cases = [(mode, balance) for mode in ("ring", "allgather") for balance in (False, True)]
-    for mode, balance in tqdm(cases, desc="ring overhead"):
-        for world_size in world_sizes:
-            results = run_on_ranks(measure, world_size, seq_len, mode, balance)
-            for backward, key in ((False, "forward_bytes"), (True, "total_bytes")):
-                expected = received_bytes(mode, world_size, seq_len, *pairs(seq_len), HEADS, HEADS, HEAD_DIM,
-                                          torch.float32, causal=True, load_balance=balance, backward=backward)
-                if [r[key] for r in results] != expected:
-                    raise AssertionError(f"{mode} balance={balance} P={world_size}: {key} "
-                                         f"{[r[key] for r in results]} differ from the formula {expected}")
-            seconds = max(r["seconds"] for r in results)
-            rows.append(dict(mode=mode, load_balance=balance, world_size=world_size, seconds=seconds,
-                             wait=max(r["wait"] for r in results),
-                             forward_bytes=max(r["forward_bytes"] for r in results),
-                             total_bytes=max(r["total_bytes"] for r in results),
-                             ratio=seconds / single["seconds"]))
+    measured = {}
+    for world_size in tqdm(world_sizes, desc="ring overhead"):
+        per_rank = run_on_ranks(measure, world_size, seq_len, cases)
+        for c, case in enumerate(cases):
+            measured[case, world_size] = [r[c] for r in per_rank]
+    for (mode, balance), world_size in ((case, p) for case in cases for p in world_sizes):
+        results = measured[(mode, balance), world_size]
+        for backward, key in ((False, "forward_bytes"), (True, "total_bytes")):
+            expected = received_bytes(mode, world_size, seq_len, *pairs(seq_len), HEADS, HEADS, HEAD_DIM,
+                                      torch.float32, causal=True, load_balance=balance, backward=backward)
+            if [r[key] for r in results] != expected:
+                raise AssertionError(f"{mode} balance={balance} P={world_size}: {key} "
+                                     f"{[r[key] for r in results]} differ from the formula {expected}")
+        seconds = max(r["seconds"] for r in results)
+        rows.append(dict(mode=mode, load_balance=balance, world_size=world_size, seconds=seconds,
+                         wait=max(r["wait"] for r in results),
+                         forward_bytes=max(r["forward_bytes"] for r in results),
+                         total_bytes=max(r["total_bytes"] for r in results),
+                         ratio=seconds / single["seconds"]))
     write_json(out, "ring_overhead", dict(seq_len=seq_len, pairs=list(zip(*pairs(seq_len))), heads=HEADS,
                                           head_dim=HEAD_DIM, dtype="float32", causal=True, rows=rows))
     fig, ax = plt.subplots(figsize=(7, 4))

@@ -242,25 +242,6 @@ def local_work(runs: Sequence[Run], short: Sequence[Piece], *, batch: int, heads
     return total + sum((batch if piece.row is None else 1) * scores(piece.length) for piece in short)
 
 
-def padding_documents(padding: torch.Tensor, boundaries: Boundaries | None, seq_len: int) -> Boundaries:
-    """Document boundaries per batch row once each row's trailing padding (``padding`` ``[B, N]``, ``True`` at a
-    padded token) is a filler document of its own: the ``boundaries`` (``None``: one document) with the
-    padding's first token added. Raises ``ValueError`` when a row's padding is not trailing."""
-    valid = (~padding).sum(1)  # [B] tokens before the padding
-    trailing = torch.arange(seq_len, device=padding.device).unsqueeze(0) >= valid.unsqueeze(1)
-    if not torch.equal(trailing, padding):
-        row = int((trailing != padding).any(1).nonzero()[0])
-        raise ValueError(f"key_padding_mask row {row} is not trailing padding (True only after the last real token: "
-                         f"{padding[row].int().tolist()}): put each row's padding at its end, or pass its documents "
-                         f"as cu_seqlens")
-    boundaries = boundaries or ((0, seq_len),)
-    documents = []
-    for b, start in enumerate(valid.tolist()):
-        bounds = boundaries[b if len(boundaries) > 1 else 0]
-        documents.append(tuple(sorted({*bounds, start})) if 0 < start < seq_len else bounds)
-    return tuple(documents)
-
-
 def documents_fingerprint(boundaries: Boundaries | None) -> int:
     """A 62-bit fingerprint of the documents (0: none), which the ranks compare before planning alike."""
     if boundaries is None:

@@ -167,9 +167,7 @@ def ring_dilated_attention(
         from ring_attention.ops import compiled_attention
 
         return compiled_attention(q, k, v, cu_seqlens, config, pg)
-    rows = None if cu_seqlens is None else check_cu_seqlens(cu_seqlens, shard * size, batch, q.device)
-    if size > 1:
-        C.check_same_shards(q, k, pg, documents_fingerprint(rows))
+    rows = checked_documents(cu_seqlens, shard * size, batch, q.device, q, k, pg)
     if ulysses_size > 1:  # sequence shards -> head shards of the sub-group's U L tokens; pairs over the inter-group
         sub = ulysses_groups(pg, ulysses_size)[0]
         q, k, v = (AllToAll.apply(t, sub, True) for t in (q, k, v))  # [B, U L, H / U, D]
@@ -178,6 +176,26 @@ def ring_dilated_attention(
     with _autocast_off(device_type):
         out = _DilatedAttention.apply(q, k, v, parts)
     return AllToAll.apply(out, sub, False) if ulysses_size > 1 else out  # this rank's rows, every head
+
+
+def checked_documents(cu_seqlens, seq_len: int, batch: int, device, q, k, group) -> Boundaries | None:
+    """``cu_seqlens`` as host boundaries (`check_cu_seqlens`), once the ranks of ``group`` agree on their shards and
+    documents: a rank given bad boundaries, or other ones, raises a ``ValueError`` and so does every other rank."""
+    rows, problem = None, None
+    if cu_seqlens is not None:
+        try:
+            rows = check_cu_seqlens(cu_seqlens, seq_len, batch, device)
+        except (ValueError, TypeError) as error:  # first tell the other ranks, which would wait for this one
+            problem = error
+    if group is not None and group.size() > 1:
+        try:
+            C.check_same_shards(q, k, group, -1 if problem is not None else documents_fingerprint(rows))
+        except ValueError:
+            if problem is None:
+                raise
+    if problem is not None:  # this rank's own reason, after the others learned that it has one
+        raise problem
+    return rows
 
 
 @dataclass(frozen=True)

@@ -9,24 +9,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ring_attention.comm import GroupLike
-from ring_attention.documents import padding_documents
+from ring_attention.comm import GroupLike, resolve_group
 from ring_attention.functional import ring_dilated_attention
-from ring_attention.validation import CuSeqlens, check_cu_seqlens
-
-
-def padding_mask(key_padding_mask: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
-    """``key_padding_mask`` as a boolean ``[batch, seq]`` mask, ``True`` at padding (PyTorch's meaning: a boolean
-    mask, or a float one holding 0 and ``-inf``)."""
-    if not isinstance(key_padding_mask, torch.Tensor) or tuple(key_padding_mask.shape) != tuple(shape):
-        got = tuple(key_padding_mask.shape) if isinstance(key_padding_mask, torch.Tensor) else key_padding_mask
-        raise ValueError(f"key_padding_mask must be a [batch, seq] = {list(shape)} tensor, got {got}")
-    if key_padding_mask.dtype == torch.bool:
-        return key_padding_mask
-    if key_padding_mask.is_floating_point() and bool(((key_padding_mask == 0) | key_padding_mask.isneginf()).all()):
-        return key_padding_mask.isneginf()
-    raise ValueError(f"key_padding_mask must be boolean (True at padding) or a float mask of 0 and -inf, got dtype "
-                     f"{key_padding_mask.dtype} with other values: an additive bias per key is not supported")
+from ring_attention.padding import key_padding_documents
+from ring_attention.validation import CuSeqlens
 
 
 def is_causal_mask(mask: torch.Tensor, length: int) -> bool:
@@ -252,7 +238,8 @@ class RingMultiheadDilatedAttention(nn.Module):
         ``causal=True`` at construction). ``attn_mask`` may only be the causal mask of this call's length
         (``nn.Transformer.generate_square_subsequent_mask``, float or boolean), which also makes the call causal;
         any other mask raises ``NotImplementedError``. ``key_padding_mask`` (``[batch, seq]``, ``True`` or
-        ``-inf`` at padding) is honoured when each row's padding is at its end: the padding becomes a filler
+        ``-inf`` at padding; this rank's slice under a process group) is honoured when each row's padding is at
+        the end of the whole sequence: the padding becomes a filler
         document of that row, which no real token sees, and the output rows at padding are 0 (where
         ``nn.MultiheadAttention`` returns the padded queries' attention to the real keys, which is normally
         ignored); other masks raise ``ValueError``. ``cu_seqlens`` gives packed documents (see
@@ -276,11 +263,10 @@ class RingMultiheadDilatedAttention(nn.Module):
         if not self.batch_first:
             query, key, value = (x.transpose(0, 1) for x in (query, key, value))
         padding = None
-        if key_padding_mask is not None:
-            padding = padding_mask(key_padding_mask, query.shape[:2])
-            rows = None if cu_seqlens is None else check_cu_seqlens(cu_seqlens, query.shape[1], query.shape[0],
-                                                                    query.device)
-            cu_seqlens = list(padding_documents(padding, rows, query.shape[1]))
+        if key_padding_mask is not None:  # this rank's [batch, seq] slice; the documents span every rank's
+            padding, documents = key_padding_documents(key_padding_mask, query.shape[:2], cu_seqlens,
+                                                       resolve_group(self.attention.process_group))
+            cu_seqlens = list(documents)
         q, k, v = self._project(query, key, value)
         batch, length = q.shape[:2]
         q = q.reshape(batch, length, self.num_heads, self.head_dim)  # [B, L, H, D]

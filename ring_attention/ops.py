@@ -23,12 +23,9 @@ import math
 import torch
 import torch.distributed as dist
 
-from ring_attention import comm as C
-from ring_attention.documents import documents_fingerprint
 from ring_attention.kernels import lse_dtype
 from ring_attention.pattern import as_row_viewable
 from ring_attention.ulysses import _all_to_all, ulysses_groups
-from ring_attention.validation import check_cu_seqlens
 
 # the call's configuration as op arguments, in the order of `ring_attention.functional.CallConfig`
 _CONFIG = ("segment_lengths", "dilation_rates", "causal", "head_mode", "comm", "backend", "scale", "load_balance",
@@ -48,14 +45,15 @@ def _config(args) -> object:
     return CallConfig(**values)
 
 
-def _parts(q, cu_seqlens, config, group_name: str):
-    from ring_attention.functional import call_parts
+def _parts(q, k, cu_seqlens, config, group_name: str, check: bool):
+    """The call's parts; with ``check``, first the ranks' agreement on their shards and documents."""
+    from ring_attention.functional import call_parts, checked_documents
 
     group = _group(group_name)
     size = 1 if group is None else group.size()
     seq_len = q.shape[1] * size // config.ulysses_size
-    rows = None if cu_seqlens is None else check_cu_seqlens(cu_seqlens, seq_len, q.shape[0], q.device)
-    return call_parts(q, rows, config, group), rows, group
+    rows = checked_documents(cu_seqlens, seq_len, q.shape[0], q.device, q, k, group if check else None)
+    return call_parts(q, rows, config, group)
 
 
 @torch.library.custom_op("ring_attention::attention", mutates_args=())
@@ -68,9 +66,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: tor
 
     config = _config((segment_lengths, dilation_rates, causal, head_mode, comm, backend, scale, load_balance,
                       ulysses_size, num_heads, num_kv_heads))
-    parts, rows, group = _parts(q, cu_seqlens, config, group_name)
-    if group is not None and ulysses_size == 1:  # with the all-to-all, its op checked before it sent anything
-        C.check_same_shards(q, k, group, documents_fingerprint(rows))
+    parts = _parts(q, k, cu_seqlens, config, group_name, ulysses_size == 1)  # else the all-to-all's op checked
     q, k, v = (as_row_viewable(t) for t in (q, k, v))
     acc_dtype = lse_dtype(q.dtype)
     out = q.new_zeros(q.shape, dtype=acc_dtype)  # [B, L, H, D]
@@ -97,7 +93,7 @@ def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
 
     config = _config((segment_lengths, dilation_rates, causal, head_mode, comm, backend, scale, load_balance,
                       ulysses_size, num_heads, num_kv_heads))
-    parts, _, _ = _parts(q, cu_seqlens, config, group_name)
+    parts = _parts(q, k, cu_seqlens, config, group_name, False)
     q, k, v, dout = (as_row_viewable(t) for t in (q, k, v, dout))
     grads = [torch.zeros(t.shape, dtype=lse_dtype(q.dtype), device=t.device) for t in (q, k, v)]
     with _autocast_off(q.device.type):
@@ -134,10 +130,10 @@ def all_to_all(tensors: list[torch.Tensor], cu_seqlens: torch.Tensor | None, gro
     group = _group(group_name)
     sub = ulysses_groups(group, ulysses_size)[0]
     if check:
+        from ring_attention.functional import checked_documents
+
         q, k = tensors[:2]
-        rows = None if cu_seqlens is None else check_cu_seqlens(cu_seqlens, q.shape[1] * group.size(), q.shape[0],
-                                                                q.device)
-        C.check_same_shards(q, k, group, documents_fingerprint(rows))
+        checked_documents(cu_seqlens, q.shape[1] * group.size(), q.shape[0], q.device, q, k, group)
     return [_all_to_all(t, sub, to_heads) for t in tensors]
 
 

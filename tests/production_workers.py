@@ -206,3 +206,38 @@ def mesh_sequence_group(rank, world_size):
     except ValueError as error:
         return q, k, v, out, str(error)
     return q, k, v, out, None
+
+
+def padded_module(rank, world_size, x, real):
+    """`RingMultiheadDilatedAttention` with a trailing key padding mask, this rank's slice of it: its output rows
+    and the gradient of its input."""
+    torch.manual_seed(0)
+    group = dist.group.WORLD if world_size > 1 else None
+    mha = RingMultiheadDilatedAttention(16, 4, batch_first=True, dtype=torch.float64, segment_lengths=[8, 32],
+                                        dilation_rates=[1, 4], causal=True, process_group=group)
+    padding = torch.arange(x.shape[1]).unsqueeze(0) >= torch.tensor(real).unsqueeze(1)  # [B, N]
+    mine, mask = (shard_sequence(t, group, dim=1) for t in (x, padding))
+    mine = mine.detach().clone().requires_grad_(True)
+    out, _ = mha(mine, mine, mine, key_padding_mask=mask, cu_seqlens=[0, 9, x.shape[1]])
+    (grad,) = torch.autograd.grad(out, mine, torch.ones_like(out))
+    return out.detach(), grad
+
+
+def one_rank_with_bad_documents(rank, world_size):
+    """Each rank's error when only rank 1's cu_seqlens are bad, and when only rank 1's key padding mask is."""
+    q = torch.zeros(1, 16, 2, 4)
+    errors = {}
+    try:
+        ring_attention.ring_dilated_attention(q, q, q, [8], [1], group=dist.group.WORLD,
+                                              cu_seqlens=[0, 5, 32] if rank == 0 else [0, 33])
+    except ValueError as error:
+        errors["cu_seqlens"] = str(error)
+    mha = RingMultiheadDilatedAttention(8, 2, batch_first=True, segment_lengths=[8], dilation_rates=[1],
+                                        process_group=dist.group.WORLD)
+    x = torch.zeros(1, 16, 8)
+    mask = torch.zeros(1, 16) if rank == 0 else torch.full((1, 16), 0.5)
+    try:
+        mha(x, x, x, key_padding_mask=mask)
+    except ValueError as error:
+        errors["key_padding_mask"] = str(error)
+    return errors

@@ -323,3 +323,24 @@ def test_gather_sequence_returns_each_rank_its_slice_of_the_gradient():
         expected = torch.zeros(1, 24, 1)
         expected[:, 12 * rank: 12 * (rank + 1)] = weights[:, 12 * rank: 12 * (rank + 1)]
         assert torch.equal(grad, expected)
+
+
+def test_key_padding_across_ranks_equals_one_process():
+    # row 0 is padded from token 20 (inside rank 1's slice), row 1 from 16 (exactly rank 1's first token)
+    x = torch.randn(2, 32, 16, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+    alone_out, alone_grad = pw.padded_module(0, 1, x, [20, 16])
+    per_rank = run_on_ranks(pw.padded_module, 2, x, [20, 16])
+    assert rel_err(torch.cat([r[0] for r in per_rank], dim=1), alone_out) < 1e-12
+    assert rel_err(torch.cat([r[1] for r in per_rank], dim=1), alone_grad) < 1e-12
+    assert torch.equal(alone_out[0, 20:], torch.zeros(12, 16, dtype=torch.float64))
+
+
+def test_bad_documents_on_one_rank_fail_on_every_rank():
+    per_rank = run_on_ranks(pw.one_rank_with_bad_documents, 2, timeout=120)
+    assert per_rank[1]["cu_seqlens"] == ("cu_seqlens=[0, 33] must end at the sequence length 32, got 33: "
+                                         "boundaries are over the whole (global) sequence; pad it with a filler "
+                                         "document if needed")
+    assert per_rank[0]["cu_seqlens"].startswith("the q/k shards or the cu_seqlens differ between the ranks")
+    assert per_rank[1]["key_padding_mask"].startswith("key_padding_mask must be boolean (True at padding) or a "
+                                                      "float mask of 0 and -inf")
+    assert per_rank[0]["key_padding_mask"] == "key_padding_mask was refused on another rank of the sequence group"

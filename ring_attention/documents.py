@@ -27,10 +27,11 @@ from dataclasses import dataclass
 
 import torch
 
+from ring_attention.doc_balance import balance_streams, migrated_pieces, piece_work
 from ring_attention.kernels import block_attention, block_attention_backward
 from ring_attention.merge import merge_into
 from ring_attention.pattern import RowView, pair_heads, row_view, row_views
-from ring_attention.streams import balance_streams, plan_streams, spanning_streams
+from ring_attention.streams import plan_streams, spanning_streams
 from ring_attention.validation import Boundaries, check_head_mode, check_pairs, warn_uncovered
 from ring_attention.varlen import Buckets, Rows
 
@@ -72,13 +73,15 @@ def segments(boundaries: Boundaries, w: int) -> Iterator[Piece]:
                 yield Piece(row if len(boundaries) > 1 else None, start + whole * w, (end - start) % w, False)
 
 
-def local_pieces(boundaries: Boundaries, w: int, rate: int, lo: int, hi: int) -> tuple[list[Run], list[Piece]]:
+def local_pieces(boundaries: Boundaries, w: int, rate: int, lo: int, hi: int,
+                 leave: set = frozenset()) -> tuple[list[Run], list[Piece]]:
     """What of pair ``(w, rate)`` lies inside the shard ``[lo, hi)``, with positions relative to the shard: runs
-    (whole segments, and tails long enough to be worth a kernel call of their own: `VIEW_ROWS`) and short pieces."""
+    (whole segments, and tails long enough to be worth a kernel call of their own: `VIEW_ROWS`) and short pieces.
+    Pieces in ``leave`` (global positions) are computed elsewhere (`ring_attention.doc_balance`)."""
     runs: list[Run] = []
     short: list[Piece] = []
     for piece in segments(boundaries, w):
-        if piece.start < lo or piece.start + piece.length > hi:
+        if piece.start < lo or piece.start + piece.length > hi or piece in leave:
             continue
         start = piece.start - lo
         if not piece.whole:
@@ -200,19 +203,17 @@ def plan_documents(
     lo, hi = rank * shard, (rank + 1) * shard
     heads_per_kv = num_heads // num_kv_heads
     local_kv_heads = len(local_heads) // heads_per_kv
-    balance = load_balance and causal and world_size > 1
-    loads = [0] * world_size  # causal work so far, per rank: what balance evens out
+    pairs = [(w, r, [h for h in heads if h in local_heads]) for w, r, heads in
+             zip(segment_lengths, dilation_rates, pair_heads(num_heads, len(segment_lengths), head_mode))]
+    pairs = [(w, r, mine) for w, r, mine in pairs if mine]  # with the heads split over ranks, some take none here
+    crossing = [[piece for piece in segments(boundaries, w)
+                 if piece.start // shard != (piece.start + piece.length - 1) // shard] for w, _, _ in pairs]
+    moved, loads = set(), [0] * world_size
+    if load_balance and causal and world_size > 1:
+        moved, loads = _balance_inputs(boundaries, pairs, crossing, shard, world_size, batch, heads_per_kv)
     plans = []
-    for w, r, heads in zip(segment_lengths, dilation_rates, pair_heads(num_heads, len(segment_lengths), head_mode)):
-        mine = [h for h in heads if h in local_heads]
-        if not mine:
-            continue
-        if balance:
-            for other in range(world_size):
-                loads[other] += local_work(*local_pieces(boundaries, w, r, other * shard, (other + 1) * shard),
-                                           batch=batch,
-                                           heads=mine, rate=r, heads_per_kv=heads_per_kv)
-        runs, short = local_pieces(boundaries, w, r, lo, hi)
+    for p, (w, r, mine) in enumerate(pairs):
+        runs, short = local_pieces(boundaries, w, r, lo, hi, {piece for pair, piece in moved if pair == p})
         q_rows, k_rows = kept_blocks(short, batch, mine, r, heads_per_kv, local_heads.start)
         buckets = Buckets(q_rows, k_rows, causal, (batch, shard, len(local_heads)), (batch, shard, local_kv_heads),
                           device) if q_rows.count else None
@@ -220,10 +221,10 @@ def plan_documents(
                  for length in {run.length for run in runs}}
         if runs or buckets is not None:
             plans.append(LocalPlan(rate=r, shard=shard, views=views, runs=tuple(runs), short=buckets))
-        crossing = [piece for piece in segments(boundaries, w)
-                    if piece.start // shard != (piece.start + piece.length - 1) // shard]
-        streams = spanning_streams(crossing, batch, shard, mine, r, heads_per_kv, local_heads.start)
-        if balance:
+        pieces = crossing[p] + sorted((piece for pair, piece in moved if pair == p), key=lambda x: (x.row or 0,
+                                                                                                     x.start))
+        streams = spanning_streams(pieces, batch, shard, mine, r, heads_per_kv, local_heads.start)
+        if moved or loads != [0] * world_size:
             streams = balance_streams(streams, loads)
         spanning = plan_streams(streams, shard=shard, world_size=world_size, rank=rank, num_heads=len(local_heads),
                                 num_kv_heads=local_kv_heads, causal=causal, comm_mode=comm_mode, device=device)
@@ -232,14 +233,22 @@ def plan_documents(
     return plans
 
 
-def local_work(runs: Sequence[Run], short: Sequence[Piece], *, batch: int, heads: Sequence[int], rate: int,
-               heads_per_kv: int) -> int:
-    """The causal scores of a rank's pieces inside its shard (runs and short pieces alike), over its heads."""
-    def scores(length: int) -> int:
-        return sum(n * (n + 1) // 2 for n in (len(range((h // heads_per_kv) % rate, length, rate)) for h in heads))
-
-    total = sum((batch if run.row is None else 1) * run.pieces * scores(run.length) for run in runs)
-    return total + sum((batch if piece.row is None else 1) * scores(piece.length) for piece in short)
+def _balance_inputs(boundaries, pairs, crossing, shard, world_size, batch, heads_per_kv) -> tuple[set, list[int]]:
+    """What causal balance starts from: the pieces inside shards it moves off overloaded ranks, and each rank's work
+    inside its shard without them (`ring_attention.doc_balance`)."""
+    local, works, spanning_work = [], [], 0
+    for (w, r, mine), spanning in zip(pairs, crossing):
+        inside = [[piece for piece in segments(boundaries, w) if piece.start >= rank * shard
+                   and piece.start + piece.length <= (rank + 1) * shard] for rank in range(world_size)]
+        local.append(inside)
+        works.append([[piece_work(piece, batch=batch, heads=mine, rate=r, heads_per_kv=heads_per_kv)
+                       for piece in pieces] for pieces in inside])
+        spanning_work += sum(piece_work(piece, batch=batch, heads=mine, rate=r, heads_per_kv=heads_per_kv)
+                             for piece in spanning)
+    moved = migrated_pieces(local, works, spanning_work)
+    loads = [sum(work for p in range(len(local)) for piece, work in zip(local[p][rank], works[p][rank])
+                 if (p, piece) not in moved) for rank in range(world_size)]
+    return moved, loads
 
 
 def documents_fingerprint(boundaries: Boundaries | None) -> int:

@@ -6,10 +6,8 @@ the query heads of that kv head share. Each stream's rows are *owned* in contigu
 
 - without balance, a rank owns the rows its shard holds (the *natural* owner: nothing moves);
 - with causal load balance, each stream is cut into chunks of about equal causal work, which go to the ranks with
-  the least work so far, the pieces inside their shards counted first (`balance_streams`); a chunk's q, k, v rows
-  move to its owner first, and its outputs move back (`Moves`). DESIGN §10 sketches a head-tail re-lay inside each
-  piece's span; that alone leaves the ranks as unequal as their local pieces are (packed documents of every length
-  give shards very different local work), so the chunks may go to any rank of the group.
+  the least work so far (`ring_attention.doc_balance`); a chunk's q, k, v rows move to its owner first, and its
+  outputs move back (`Moves`).
 
 An owner computes its query rows against the keys of every range it may see: those before (all of them, a full
 block), its own (the causal diagonal, square), none after; without causality all of them. The keys reach it either
@@ -85,49 +83,6 @@ def spanning_streams(pieces: Sequence[Piece], batch: int, shard: int, heads: Seq
                 streams.append(Stream(b, start, rate, count, j - first_kv, q_heads, span,
                                       _natural_ranges(start, rate, count, span, shard)))
     return streams
-
-
-def causal_work(lo: int, hi: int) -> int:
-    """Scores of rows ``[lo, hi)`` of a causal stream (row ``i`` sees ``i + 1`` keys), per query head."""
-    return (hi * (hi + 1) - lo * (lo + 1)) // 2
-
-
-CHUNKS_PER_RANK = 8  # balance cuts the spanning work into about this many chunks per rank
-MIN_CHUNK_ROWS = 16  # and no chunk below this many rows (a kernel call's worth)
-
-
-def balance_streams(streams: list[Stream], loads: list[int]) -> list[Stream]:
-    """The streams re-owned for causal load balance, given each rank's work so far (``loads``, updated in place).
-
-    Each stream is cut into chunks of about equal causal work (split at ``n sqrt(k / C)``: the work up to row ``i``
-    grows as ``i^2``), at most one per `MIN_CHUNK_ROWS` rows; the chunks, heaviest first, each go to the rank with
-    the least work (a rank of the piece's span on ties, then the lowest). Deterministic: every rank plans alike.
-    """
-    total = sum(causal_work(0, s.count) * len(s.q_heads) for s in streams)
-    target = max(1, (total + sum(loads)) // (len(loads) * CHUNKS_PER_RANK))
-    chunks = []  # (work, stream index, lo, hi)
-    for index, stream in enumerate(streams):
-        work = causal_work(0, stream.count) * len(stream.q_heads)
-        count = max(1, min(-(-work // target), stream.count // MIN_CHUNK_ROWS))
-        cuts = sorted({0, stream.count, *(round(stream.count * (k / count) ** 0.5) for k in range(1, count))})
-        chunks += [(causal_work(lo, hi) * len(stream.q_heads), index, lo, hi) for lo, hi in zip(cuts[:-1], cuts[1:])]
-    owners: dict[tuple[int, int], int] = {}
-    for work, index, lo, _ in sorted(chunks, key=lambda c: (-c[0], c[1], c[2])):
-        span = streams[index].span
-        owner = min(range(len(loads)), key=lambda r: (loads[r], r not in span, r))
-        owners[(index, lo)] = owner
-        loads[owner] += work
-    balanced = []
-    for index, stream in enumerate(streams):
-        ranges: list[tuple[int, int, int]] = []
-        for _, i, lo, hi in sorted((c for c in chunks if c[1] == index), key=lambda c: c[2]):  # in row order
-            if ranges and ranges[-1][0] == owners[(i, lo)]:
-                ranges[-1] = (ranges[-1][0], ranges[-1][1], hi)  # neighbouring chunks of one owner: one range
-            else:
-                ranges.append((owners[(i, lo)], lo, hi))
-        balanced.append(Stream(stream.batch, stream.start, stream.rate, stream.count, stream.kv_head, stream.q_heads,
-                               stream.span, tuple(ranges)))
-    return balanced
 
 
 def _blocks(q_ranges, k_ranges, causal: bool):

@@ -11,8 +11,9 @@ import workers
 
 from lessons.launch import run_on_ranks
 from ring_attention.cost import document_work, halves_received, received_bytes, score_pairs
+from ring_attention.doc_balance import balance_streams, causal_work
 from ring_attention.documents import plan_documents, segments
-from ring_attention.streams import balance_streams, causal_work, spanning_streams
+from ring_attention.streams import spanning_streams
 
 PAIRS = ([16, 64, 128], [1, 2, 4])
 CASES = [

@@ -219,6 +219,120 @@ def comm_families() -> str:
     return section("The three families and the hybrid", r, "comm_families.png", body)
 
 
+def packing() -> str:
+    r = load("packing")
+    res = r["results"]
+    rows, summary = [], []
+    for one in res["one_process"]:
+        for kind, run in one["runs"].items():
+            rows.append([one["seq_len"], kind, f"{run['seconds']:.2f}", f"{run['tokens_per_second']:.0f}",
+                         f"{run['peak_bytes'] / 2**20:.0f}"])
+        summary.append(f"N = {one['seq_len']}: {one['documents']} documents (mean {one['mean_length']:.0f} tokens, the "
+                       f"longest {one['longest']}); the bucketing pads {100 * one['padding']['of_useful']:.1f}% of the "
+                       f"useful work ({100 * one['padding']['of_bucketed']:.1f}% of the bucketed pieces' own); packed "
+                       f"is {one['packed_vs_padded']:.1f}x faster than the padded batch; its time per useful FLOP is "
+                       f"{one['time_per_flop_vs_unpacked']:.2f}x an unpacked sequence's")
+    ranks = [[x["world_size"], f"{x['max_over_mean_unbalanced']:.3f}", f"{x['max_over_mean_balanced']:.3f}",
+              f"{x['received_bytes_packed'] / 2**20:.1f}", f"{x['received_bytes_unpacked'] / 2**20:.1f}"]
+             for x in res["across_ranks"]]
+    two = res["two_processes"]
+    body = (f"Documents of {res['distribution']} tokens, pairs {res['pairs']}, causal, {res['heads']} heads of "
+            f"{res['head_dim']}, {res['dtype']}, forward + backward, each run in a fresh process. Goals: padded work "
+            f"at most 15% of the useful work, packed at least 2x faster than the padded batch, time per useful FLOP "
+            f"within 1.25x of unpacked. " + "; ".join(summary) + ".\n\n"
+            + table(["N", "run", "fwd+bwd (s)", "tokens / s", "peak MiB"], rows)
+            + f"\n\nAcross ranks, N = {res['one_process'][-1]['seq_len']} packed: each rank's causal work read off the "
+            f"plan (max / mean; goal at most 1.1 balanced), and the most bytes a rank receives, forward + backward, "
+            f"against the same N unpacked.\n\n"
+            + table(["P", "work max/mean, unbalanced", "balanced", "MiB received / rank, packed", "unpacked"], ranks)
+            + f"\n\nOn 2 processes (one thread each), N = {two['seq_len']} packed: {two['unbalanced']:.2f} s "
+            f"unbalanced, {two['balanced']:.2f} s balanced ({two['speedup']:.2f}x).\n")
+    return section("Packed documents", r, None, body)
+
+
+def compile_step() -> str:
+    r = load("compile")
+    res = r["results"]
+    rows = [[x["world_size"], f"{x['eager_step']:.3f}", f"{x['compiled_step']:.3f}", f"{x['speedup']:.2f}x",
+             f"{x['first_compiled_step']:.1f}", f"{x['loss_gap']:.1e}"] for x in res["rows"]]
+    body = (f"The tiny language model of lesson 5 ({res['layers']} blocks, {res['heads']} heads, width "
+            f"{res['embed_dim']}, pairs {res['pairs']}, causal), a training step on sequences of {res['seq_len']} "
+            f"tokens, batch {res['batch']}, {res['dtype']}, one thread per process: eager against the model compiled "
+            f"by `torch.compile` (inductor), the attention as custom ops (`ring_attention.ops`). The first compiled "
+            f"step includes the compilation; the step times are medians of the following steps, and the losses agree "
+            f"with eager to float32 rounding (the script stops otherwise).\n\n"
+            + table(["P", "eager (s/step)", "compiled (s/step)", "speed-up", "first compiled step (s)",
+                     "loss difference"], rows))
+    return section("Compiled with torch.compile", r, None, body)
+
+
+def sum_gradients() -> str:
+    r = load("sum_gradients")
+    res = r["results"]
+    rows = [[x["model"], x["tensors"], f"{x['parameters']:,}", f"{x['per_parameter_ms']:.2f}",
+             f"{x['buckets_ms']:.2f}", f"{x['speedup']:.1f}x"] for x in res["rows"]]
+    body = (f"`ring_attention.hf.sum_gradients` on {res['world_size']} gloo processes ({res['threads_per_rank']} "
+            f"thread each), {res['dtype']} gradients of two Llama models built from configs, best of "
+            f"{res['repeats']} after a warm-up, the slower rank's time: gradients under 1 MiB travel together in flat "
+            f"buffers of up to 16 MiB, larger ones alone and in place, against the previous one all-reduce per "
+            f"parameter. The sums are identical (the script stops otherwise). A collective's fixed cost dominates "
+            f"small tensors, so the tiny model gains most; in the larger one the big weight matrices dominate and "
+            f"only the small tensors are batched (flattening those too made it slower here: the copies cost more "
+            f"than the calls saved).\n\n"
+            + table(["model", "tensors", "parameters", "per parameter (ms)", "buckets (ms)", "speed-up"], rows))
+    return section("Summing gradients over the sequence ranks", r, None, body)
+
+
+def projection() -> str:
+    r = load("projection")
+    res = r["results"]
+    profile, worst, goals = res["cpu_profile"], res["largest_error"], res["goals"]
+    groups: dict = {}
+    for check in res["checks"]:
+        g = groups.setdefault(check["run"].split()[0], dict(runs=0, seconds=[], mib=[], bytes=[]))
+        g["runs"] += 1
+        for key in ("seconds", "mib"):
+            if key in check["error"] and check["calibrates"] != key:
+                g[key].append(check["error"][key])
+        if "bytes_off" in check["error"]:
+            g["bytes"].append(check["error"]["bytes_off"])
+
+    def spread(errors: list) -> str:
+        return f"{100 * min(errors):+.0f}% to {100 * max(errors):+.0f}%" if errors else "-"
+
+    def exact(offs: list) -> str:
+        return f"{sum(o == 0 for o in offs)} of {len(offs)} (most off: {max(offs, key=abs):+d})" if offs else "-"
+
+    checks = [[bench, g["runs"], spread(g["seconds"]), spread(g["mib"]), exact(g["bytes"])]
+              for bench, g in groups.items()]
+    projected = [[f"{x['seq_len']:,}", x["family"], x["world_size"], x["nodes"], f"{x['memory'] / 1e9:.1f}",
+                  f"{x['flops'] / 1e12:.0f}", f"{x['bytes'] / 1e9:.2f}", f"{1e3 * x['compute_seconds']:.0f}",
+                  f"{1e3 * x['comm_seconds']:.0f}", f"{1e3 * x['seconds']:.0f}"] for x in res["projected"]]
+    rates = ", ".join(f"{k}: {v / 1e9:.0f} GFLOP/s" for k, v in profile["kernel_flops"].items())
+    calibration = ", ".join(f"{run} ({'time' if what == 'seconds' else 'memory'})"
+                            for run, what in res["calibration"].items())
+    layer = res["projected_layer"]
+    body = (f"`benchmarks/projection.py` predicts, for one forward + backward of the attention on P ranks, each "
+            f"rank's FLOPs, bytes received, peak memory and time, from the code's own counts "
+            f"(`ring_attention.cost`) and a hardware profile.\n\n**Measured, against the model**: the CPU profile "
+            f"is this machine's kernel rates ({rates}; head dim 64 from `kernels.json`), gloo's loopback "
+            f"({profile['loopback_bytes_per_s'] / 2**30:.2f} GiB/s over all ranks, "
+            f"{1e3 * profile['seconds_per_message']:.1f} ms per waiting message) and the kernels' transient memory "
+            f"({profile['transient']:.2f} of a shard, {profile['first_call_mib']:.0f} MiB more in a first call); "
+            f"what no committed run measures directly is calibrated on {calibration}, and those quantities are left "
+            f"out of the errors below. Goals: time within {100 * goals['seconds']:.0f}%, memory within "
+            f"{100 * goals['mib']:.0f}%, bytes exact; largest errors: time {100 * worst['seconds']:.0f}%, memory "
+            f"{100 * worst['mib']:.0f}%, bytes {worst['bytes_off']:+d}.\n\n"
+            + table(["benchmark", "runs", "time error", "memory error", "bytes exact"], checks)
+            + f"\n\n**Projected, not measured**: one attention layer of {layer['heads']} heads ({layer['kv_heads']} "
+            f"kv heads) of {layer['head_dim']}, {layer['dtype']}, causal, balanced, pairs {layer['pairs']}; memory "
+            f"is {layer['memory']}. For each N, the smallest power-of-two P whose ranks fit in 80 GB, on "
+            f"{res['h100']['name']}. Sources: " + "; ".join(res["h100"]["sources"]) + ".\n\n"
+            + table(["N", "comm", "P", "nodes", "GB per rank", "TFLOP per rank", "GB received per rank",
+                     "compute (ms)", "communication (ms)", "step (ms)"], projected))
+    return section("A cost model: checked here, projected to a billion tokens", r, "projection.png", body)
+
+
 def gpu() -> str:
     path = ROOT / "results" / "gpu" / "gpu.json"
     if not path.exists():
@@ -274,7 +388,7 @@ def main() -> None:
              f"{machine['cores']} cores, {machine['memory_gib']} GiB, torch {machine['torch']}, no GPU. The GPU "
              f"numbers, where they exist, are in the last section, with the GPU and versions they came from.\n")
     parts = [intro, kernels(), scaling(), overhead(), ring_overhead(), memory(), million_tokens(), balance(),
-             comm_families(), vs_public(), gpu()]
+             comm_families(), packing(), compile_step(), sum_gradients(), projection(), vs_public(), gpu()]
     PAGE.write_text("\n".join(parts))
     print(f"wrote {PAGE}")
 

@@ -9,7 +9,7 @@ causal load balance off and on. Each rank counts the bytes it receives from othe
 ``ring_attention.comm``). The forward's bytes must equal the formulas of docs/concepts.md: each spanning pair
 moves ``(G - 1) L / r`` tokens of K and V per rank and kv head; balanced, it also moves the halves of its
 selected rows that change rank (q, k, v into the zigzag order for the ring, q alone for the all-gather) and the
-output and log-sum-exp back; and every call's agreement check brings 10 integers from each other rank. The
+output and log-sum-exp back; and every call's agreement check brings 11 integers from each other rank. The
 forward's and the forward + backward's bytes must equal ``ring_attention.cost.received_bytes`` on every rank:
 the script stops otherwise. On this machine all P
 processes share the same cores, so the P-rank time includes that contention: the ratio is an upper bound

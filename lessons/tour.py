@@ -5,14 +5,16 @@
 
 Each stage runs forward and backward in float64 in fresh processes (so each peak-memory number is its
 own): stage 0 and stage 1 in one process (stage 1 simulates the 4 ranks), the later stages on 4 ranks.
-Errors are the largest relative error of the output and of dq, dk, dv against stage 0, the reference; the last
-column is what a rank received from the others (the most of any rank), which shows what load balance and
-all-to-all cost in communication.
+Errors are the largest relative error of the output and of dq, dk, dv against stage 0, the reference (stage 8, the
+same tokens packed as documents, against the reference given the same documents); the last column is what a rank
+received from the others (the most of any rank), which shows what load balance, all-to-all and documents cost in
+communication.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 
 import torch
@@ -46,14 +48,22 @@ def run_tour(world_size: int = 4, quick: bool = False) -> list[dict]:
          {"world_size": world_size}),
         *[(name, module, world_size, None) for name, module in {**DISTRIBUTED_STAGES, **ALL_TO_ALL_STAGES}.items()],
     ]
-    rows, truth = [], None
-    for name, target, ranks, options in tqdm(stages, desc="tour", unit="stage"):
-        results = run_on_ranks(run_stage, ranks, target, problem, options, True)
+    # stage 8: the same tokens packed as documents (a document crossing every shard boundary, one of a single
+    # token), against the reference with the same documents
+    n = problem.seq_len
+    documents = dataclasses.replace(problem, cu_seqlens=(0, n // 8 + 3, n // 2 + 1, n // 2 + 2, n - 5, n))
+    stages += [("stage 8: documents, reference", "reference:dilated_attention", 1, None, documents),
+               ("stage 8: documents, balanced", "lessons.harness:balanced_ring", world_size, None, documents)]
+    rows, truth = [], {}
+    for name, target, ranks, options, *packed in tqdm(stages, desc="tour", unit="stage"):
+        results = run_on_ranks(run_stage, ranks, target, packed[0] if packed else problem, options, True)
         gathered = {n: gather_ranks(results, n) for n in NAMES}
-        truth = truth or gathered
+        truth.setdefault(bool(packed), gathered)
+        if packed and name.endswith("reference"):  # the truth of the row after it, not a stage of its own
+            continue
         rows.append(dict(
             stage=name,
-            error=relative_error(gathered, truth),
+            error=relative_error(gathered, truth[bool(packed)]),
             seconds=max(r["seconds"] for r in results),
             peak_mib=max(r["peak_bytes"] for r in results) / 2**20,
             received_mib=max(r["received_bytes"] for r in results) / 2**20,

@@ -37,8 +37,8 @@ def main() -> None:
     cases = [(dtype, backend, causal) for dtype in (torch.float32, torch.bfloat16) for backend in BACKENDS
              for causal in (False, True)]
     for dtype, backend, causal in tqdm(cases, desc="kernels"):
-        if dtype not in roofline:
-            roofline[dtype] = matmul_flops(dtype)
+        if dtype not in roofline:  # --quick: a small matmul (bf16 matmuls are slow on CPUs without bf16 units)
+            roofline[dtype] = matmul_flops(dtype, size=512 if args.quick else 2048)
         q, k, v, dout = (torch.randn(1, length, heads, head_dim, dtype=dtype) for _ in range(4))
         if unavailable_reason(backend, q) is not None:
             continue

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+
 import torch
 
 
@@ -29,3 +31,14 @@ def forward_and_grads(fn, q, k, v, grad_out_seed=1):
     grad_out = torch.randn(out.shape, generator=gen, dtype=out.dtype)
     dq, dk, dv = torch.autograd.grad(out, (q, k, v), grad_out)
     return out.detach(), dq, dk, dv
+
+
+def stop_launcher(launcher: subprocess.Popen) -> None:
+    """End a launcher still running: SIGTERM first, on which torchrun stops its workers, then SIGKILL."""
+    if launcher.poll() is None:
+        launcher.terminate()
+        try:
+            launcher.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            launcher.kill()
+            launcher.wait()

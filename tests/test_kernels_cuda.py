@@ -37,18 +37,18 @@ CUDA_OPS = {
 
 
 class RecordCalls(TorchDispatchMode):
-    """Remember the arguments of every CUDA attention op that runs."""
+    """Remember the arguments of every op of ``ops`` (the CUDA attention ops by default) that runs."""
 
-    def __init__(self):
+    def __init__(self, ops: dict | None = None):
         super().__init__()
-        self.calls = []
+        self.calls, self.ops = [], CUDA_OPS if ops is None else ops
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func in CUDA_OPS:  # every argument by its schema name, defaults filled in
+        if func in self.ops:  # every argument by its schema name, defaults filled in
             values = {a.name: args[i] if i < len(args) else kwargs.get(a.name, a.default_value)
                       for i, a in enumerate(func._schema.arguments)}
-            self.calls.append((CUDA_OPS[func], values))
+            self.calls.append((self.ops[func], values))
         return func(*args, **kwargs)
 
 
@@ -404,19 +404,6 @@ VARLEN_OPS = {aten._flash_attention_forward.default: "varlen forward",
               aten._flash_attention_backward.default: "varlen backward"}
 
 
-class RecordVarlen(RecordCalls):
-    """Remember the dense and the variable-length attention ops that run."""
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        names = CUDA_OPS | VARLEN_OPS
-        if func in names:
-            values = {a.name: args[i] if i < len(args) else kwargs.get(a.name, a.default_value)
-                      for i, a in enumerate(func._schema.arguments)}
-            self.calls.append((names[func], values))
-        return func(*args, **kwargs)
-
-
 def test_varlen_schemas_are_the_ones_the_adapter_calls():
     names = {op: [a.name for a in op._schema.arguments] for op in VARLEN_OPS}
     assert names[aten._flash_attention_forward.default][:10] == [
@@ -435,7 +422,7 @@ def test_cuda_varlen_adapter_on_meta_tensors(causal):
                   for n in (lengths_q, lengths_k))
     q = torch.empty(sum(lengths_q), 1, 64, device="meta", dtype=torch.bfloat16)
     k, v = (torch.empty(sum(lengths_k), 1, 64, device="meta", dtype=torch.bfloat16) for _ in range(2))
-    recorder = RecordVarlen()
+    recorder = RecordCalls(CUDA_OPS | VARLEN_OPS)
     with recorder:
         out, lse = varlen_kernels.varlen_attention(q, k, v, cu_q, cu_k, 100, 100, causal=causal, scale=0.125,
                                                    backend="cuda_flash")
@@ -486,7 +473,7 @@ def test_packed_documents_call_only_the_chosen_kernels(monkeypatch, backend, dty
     # the flash kernels' variable-length interface, padded buckets with a key mask for the efficient kernel
     monkeypatch.setattr(kernels, "select_backend", lambda name, q: name)
     monkeypatch.setattr(functional, "select_backend", lambda name, q: name)
-    recorder = RecordVarlen()
+    recorder = RecordCalls(CUDA_OPS | VARLEN_OPS)
     q, k, v = (torch.empty(2, 96, 4, 64, device="meta", dtype=dtype, requires_grad=True) for _ in range(3))
     with recorder:
         out = ring_dilated_attention(q, k, v, [32, 96], [1, 3], backend=backend, cu_seqlens=[0, 40, 45, 96])

@@ -12,7 +12,7 @@ from pathlib import Path
 import production_workers as pw
 import pytest
 import torch
-from helpers import rel_err
+from helpers import rel_err, stop_launcher
 
 WORKERS = Path(__file__).resolve().parent / "multinode_workers.py"
 
@@ -21,17 +21,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def stop(launcher: subprocess.Popen) -> None:
-    """End a launcher still running: SIGTERM first, on which torchrun stops its workers, then SIGKILL."""
-    if launcher.poll() is None:
-        launcher.terminate()
-        try:
-            launcher.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            launcher.kill()
-            launcher.wait()
 
 
 def launch_two_nodes(output_dir: Path, timeout: float = 240) -> None:
@@ -46,7 +35,7 @@ def launch_two_nodes(output_dir: Path, timeout: float = 240) -> None:
         outputs = [node.communicate(timeout=timeout)[0] for node in nodes]
     finally:
         for node in nodes:
-            stop(node)
+            stop_launcher(node)
     codes = [node.returncode for node in nodes]
     assert codes == [0, 0], f"launchers exited with {codes}:\n" + "\n".join(outputs)
 

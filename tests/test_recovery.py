@@ -8,19 +8,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+from helpers import stop_launcher
+
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "hf_llama_sequence_parallel.py"
 STEPS, EVERY, FAIL_AT = 7, 3, 5  # checkpoints after steps 3 and 6; rank 1 dies at step 5, so 3 and 4 run twice
-
-
-def stop(launcher: subprocess.Popen) -> None:
-    """End a launcher still running: SIGTERM first, on which torchrun stops its workers, then SIGKILL."""
-    if launcher.poll() is None:
-        launcher.terminate()
-        try:
-            launcher.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            launcher.kill()
-            launcher.wait()
 
 
 def launch(max_restarts: int, loss_log: Path, *options: str) -> subprocess.Popen:
@@ -48,7 +39,7 @@ def test_a_killed_rank_restarts_the_group_which_resumes_without_losing_or_repeat
         (uninterrupted, _), (interrupted, output) = (finish(*run) for run in zip(launchers, logs))
     finally:  # a failed or stuck launch takes its ranks with it
         for launcher in launchers:
-            stop(launcher)
+            stop_launcher(launcher)
     assert [step for step, _ in uninterrupted] == list(range(STEPS))
     assert "failed (exitcode: -9) local_rank: 1" in output  # the launcher saw rank 1 die of SIGKILL
     assert "resumed from" in output and f"step-{EVERY:06d}: step {EVERY}" in output

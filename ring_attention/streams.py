@@ -285,60 +285,87 @@ class RingStep:
     accumulate_home: tuple[torch.Tensor, torch.Tensor]
 
 
+def journey(stream: Stream, origin: int, causal: bool) -> int:
+    """How many hops the keys of ``origin`` travel around the stream's owners: as far as the last owner, in ring
+    order, that may see them (with causality an owner sees only ranges before its own); every owner without."""
+    members = stream.members
+    size, start = len(members), members.index(origin)
+    if not causal:
+        return size - 1
+    keys = stream.owned(origin)
+    seen = [d for d in range(1, size) if any(k_hi <= q_lo for _, k_hi in keys
+                                             for q_lo, _ in stream.owned(members[(start + d) % size]))]
+    return max(seen, default=0)
+
+
 def ring_steps(streams, rank: int, q_table: Table, keys: Table, causal: bool, device) -> list[RingStep]:
-    mine = [s for s, stream in enumerate(streams) if rank in stream.members]
+    """The steps of ``comm="ring"`` for this rank. Each stream's owners form its ring: at step ``t`` an owner holds the
+    keys of the owner ``t`` places before it, while they still have someone to reach (`journey`: with causality,
+    keys are not passed on past the last owner that sees them). In the backward the accumulators travel with the
+    keys and, at the end of the journey, go straight home."""
+    journeys = {(s, o): journey(stream, o, causal) for s, stream in enumerate(streams) if rank in stream.members
+                for o in stream.members}
 
-    def origin(s: int, step: int) -> int:
+    def held(s: int, member: int, step: int) -> int | None:
+        """The owner whose keys ``member`` holds at ``step`` (None: none reach it then)."""
         members = streams[s].members
-        return members[(members.index(rank) - step) % len(members)]
+        origin = members[(members.index(member) - step) % len(members)]
+        return origin if step <= journeys[(s, origin)] else None
 
-    def layout(step: int, of_rank: int) -> dict[int, tuple[int, int]]:
-        """Where each stream's block sits in ``of_rank``'s held buffer at ``step``: ``{stream: (offset, size)}``."""
+    def layout(step: int) -> dict[int, tuple[int, int, int]]:
+        """This rank's held buffer at ``step``: ``{stream: (origin, offset, size)}``."""
         placed, offset = {}, 0
         for s, stream in enumerate(streams):
-            if of_rank in stream.members and step < len(stream.members):
-                members = stream.members
-                held = members[(members.index(of_rank) - step) % len(members)]
-                size = sum(hi - lo for lo, hi in stream.owned(held))
-                placed[s] = (offset, size)
+            origin = held(s, rank, step) if rank in stream.members else None
+            if origin is not None:
+                size = sum(hi - lo for lo, hi in stream.owned(origin))
+                placed[s] = (origin, offset, size)
                 offset += size
         return placed
 
+    mine = [s for s, stream in enumerate(streams) if rank in stream.members]
     steps = []
     for step in range(max((len(streams[s].members) for s in mine), default=0)):
-        here, after = layout(step, rank), layout(step + 1, rank)
+        here, after = layout(step), layout(step + 1)
         present = {}
-        for s, (offset, _) in here.items():
-            for lo, hi in streams[s].owned(origin(s, step)):
+        for s, (origin, offset, _) in here.items():
+            for lo, hi in streams[s].owned(origin):
                 present[(s, lo)] = (hi, offset)
                 offset += hi - lo
         blocks = BlockRows()
         stream_blocks(streams, rank, q_table, present, causal, blocks)
-        size_after = sum(n for _, n in after.values())
+        size_after = sum(n for _, _, n in after.values())
         send, receive, accumulate_send, accumulate_receive = {}, {}, {}, {}
         home_held, home_keys = [], []
-        for s, (offset, size) in here.items():
-            members = streams[s].members
+        for s, stream in enumerate(streams):
+            if rank not in stream.members:
+                continue
+            members = stream.members
             successor = members[(members.index(rank) + 1) % len(members)]
             predecessor = members[(members.index(rank) - 1) % len(members)]
-            if successor == rank:  # the only owner: no rotation, its accumulators are home already
-                owned = streams[s].owned(rank)
-                home_held.append(torch.arange(offset, offset + size))
-                home_keys.append(keys.offsets[(s, owned[0][0])] + torch.arange(size))
-                continue
-            accumulate_send.setdefault(successor, []).append(torch.arange(offset, offset + size))
-            if s in after:  # the stream has steps left: its keys move on, and so will its accumulators
-                send.setdefault(successor, []).append(torch.arange(offset, offset + size))
-                arriving = torch.arange(after[s][0], after[s][0] + after[s][1])
+            owned = stream.owned(rank)
+            first = keys.offsets[(s, owned[0][0])] if owned else 0
+            own_size = sum(hi - lo for lo, hi in owned)
+            if s in here:  # what this rank holds: keys move on while they have someone to reach, else go home
+                origin, offset, size = here[s]
+                span = torch.arange(offset, offset + size)
+                if step < journeys[(s, origin)]:
+                    send.setdefault(successor, []).append(span)
+                    accumulate_send.setdefault(successor, []).append(span)
+                elif origin == rank:  # its own keys reached nobody else: their accumulators are home
+                    home_held.append(span)
+                    home_keys.append(first + torch.arange(size))
+                else:
+                    accumulate_send.setdefault(origin, []).append(span)
+            if s in after:  # what arrives for the next step, with its accumulators
+                arriving = torch.arange(after[s][1], after[s][1] + after[s][2])
                 receive.setdefault(predecessor, []).append(arriving)
                 accumulate_receive.setdefault(predecessor, []).append(arriving)
-            else:  # the predecessor's accumulators are this rank's own keys': home
-                owned = streams[s].owned(rank)
-                first = keys.offsets[(s, owned[0][0])] if owned else 0
-                accumulate_receive.setdefault(predecessor, []).append(size_after + torch.arange(first, first + sum(
-                    hi - lo for lo, hi in owned)))
+            if 0 < journeys[(s, rank)] == step:  # this rank's own accumulators come home from the journey's end
+                last = members[(members.index(rank) + step) % len(members)]
+                accumulate_receive.setdefault(last, []).append(size_after + first + torch.arange(own_size))
         pack = lambda d: {x: torch.cat(v).to(device) for x, v in d.items() if sum(t.numel() for t in v)}  # noqa: E731
-        size = sum(n for _, n in here.values())
+        size = sum(n for _, _, n in here.values())
         empty = torch.zeros(0, dtype=torch.long)
         home = (torch.cat(home_held or [empty]).to(device), torch.cat(home_keys or [empty]).to(device))
         steps.append(RingStep(size, size_after, blocks.buckets(q_table.size, size, causal, device), pack(send),

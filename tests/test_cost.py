@@ -12,8 +12,8 @@ import workers
 from lessons.launch import run_on_ranks
 from ring_attention.cost import document_work, halves_received, received_bytes, score_pairs
 from ring_attention.doc_balance import balance_streams, causal_work
-from ring_attention.documents import plan_documents, segments
-from ring_attention.streams import spanning_streams
+from ring_attention.documents import Piece, plan_documents, segments
+from ring_attention.streams import journey, spanning_streams
 
 PAIRS = ([16, 64, 128], [1, 2, 4])
 CASES = [
@@ -111,3 +111,13 @@ def test_balanced_streams_cover_every_row_once_in_order():
             ends = [hi for _, _, hi in stream.ranges]
             assert starts[0] == 0 and ends[-1] == stream.count and starts[1:] == ends[:-1] and all(
                 hi > lo for lo, hi in zip(starts, ends))
+
+
+def test_causal_ring_passes_keys_only_to_the_parts_after_them():
+    # a piece across 4 shards, owned naturally: the keys of the part on span rank i travel G - 1 - i hops (to the
+    # later parts, which see them), never round the ring back to the earlier ones; without causality, every hop
+    pieces = [Piece(None, 10, 200, False)]  # tokens [10, 210) over shards of 64: ranks 0 to 3
+    (stream,) = spanning_streams(pieces, 1, 64, [0], 1, 1, 0)
+    assert stream.members == (0, 1, 2, 3)
+    assert [journey(stream, rank, causal=True) for rank in stream.members] == [3, 2, 1, 0]
+    assert [journey(stream, rank, causal=False) for rank in stream.members] == [3, 3, 3, 3]

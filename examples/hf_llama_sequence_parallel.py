@@ -202,6 +202,7 @@ def main() -> None:
         state.step = step + 1
         if args.checkpoint_dir is not None and state.step % args.checkpoint_every == 0:
             save_checkpoint(state, args.checkpoint_dir)
+    dist.barrier()  # no rank tears its connections down while a peer may still be using them (a gloo abort otherwise)
     dist.destroy_process_group()
 
 

@@ -63,9 +63,20 @@ class _DilatedAttention(torch.autograd.Function):
         return *(grad.to(t.dtype) for grad, t in zip(grads, (q, k, v))), None
 
 
+# the device types with autocast, read once: Dynamo of torch 2.11 cannot trace torch.amp.is_autocast_available
+_AUTOCAST_DEVICE_TYPES = frozenset(t for t in ("cpu", "cuda", "xpu", "mps", "hpu", "mtia", "xla", "ipu", "maia",
+                                               torch._C._get_privateuse1_backend_name())
+                                   if torch.amp.is_autocast_available(t))
+
+
+def _has_autocast(device_type: str) -> bool:
+    return device_type in _AUTOCAST_DEVICE_TYPES if torch.compiler.is_compiling() else \
+        torch.amp.is_autocast_available(device_type)
+
+
 def _autocast_off(device_type: str) -> contextlib.AbstractContextManager:
     """The kernels and merges choose their own precision: autocast is off inside (where the device has it)."""
-    if torch.amp.is_autocast_available(device_type):
+    if _has_autocast(device_type):
         return torch.autocast(device_type, enabled=False)
     return contextlib.nullcontext()
 
@@ -159,7 +170,7 @@ def ring_dilated_attention(
                         head_mode=head_mode, comm=comm, backend=backend, scale=scale or 1.0 / math.sqrt(head_dim),
                         load_balance=load_balance, ulysses_size=ulysses_size, num_heads=heads, num_kv_heads=k.shape[2])
     device_type = q.device.type
-    autocast = torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
+    autocast = _has_autocast(device_type) and torch.is_autocast_enabled(device_type)
     if autocast and q.dtype == torch.float32:
         low = torch.get_autocast_dtype(device_type)
         q, k, v = q.to(low), k.to(low), v.to(low)

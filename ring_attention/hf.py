@@ -56,15 +56,14 @@ def _mask_function(state: dict):
     def no_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_function=causal_mask_function,
                 attention_mask=None, local_size=None, config=None, **kwargs):
         """``transformers``' mask-creation signature: the operator applies the causal (or bidirectional) pattern
-        and the documents itself, so no mask is made. What it cannot apply is noted for the attention layers of this
-        forward (a model may make several masks first), which refuse it on every rank together: a padding mask, a
-        sliding window or chunks that a layer uses, an overlay; and packed sequences, unless they get documents."""
-        if state["layers_ran"]:  # the first mask of a forward: forget the last forward's notes
-            state.update(problem=None, packed=False, layers_ran=False)
-        problem, parts = None, checks.mask_parts(mask_function)
-        if attention_mask is not None and not bool(attention_mask.all()):
-            problem = NotImplementedError, checks.PADDING
-        elif local_size is not None:  # a sliding-window or chunked mask: unused when every layer is full
+        and the documents itself, so no mask is made. What it would have to apply is noted for the attention layers
+        of this forward (a model may make several masks first; the notes are dropped when the forward ends), which
+        refuse it on every rank together: the padding mask given, a sliding window or chunks that a layer uses, an
+        overlay; and the packed-sequence indices, refused unless the layers get documents
+        (`ring_attention.hf_checks.judge`)."""
+        parts, packed = checks.mask_parts(mask_function)
+        problem = None
+        if local_size is not None:  # a sliding-window or chunked mask: unused when every layer is full
             layer_types = getattr(config, "layer_types", None)
             if layer_types is None or {"sliding_attention", "chunked_attention"} & set(layer_types):
                 local = "chunked attention" if "chunked_attention" in (layer_types or ()) else "a sliding window"
@@ -74,8 +73,10 @@ def _mask_function(state: dict):
             problem = NotImplementedError, (
                 "transformers asked for a mask beyond the causal one and the documents (an overlay such as image "
                 "tokens attending both ways), and ring dilated attention applies its own pattern: remove the overlay")
-        state["problem"] = state["problem"] or problem
-        state["packed"] = state["packed"] or "packed" in parts
+        elif "unread" in parts:
+            problem = NotImplementedError, checks.UNREAD
+        state["masks"].append((attention_mask, problem))
+        state["packed"].extend(packed)
         return None
 
     return no_mask
@@ -85,41 +86,17 @@ def _attention_function(segment_lengths, dilation_rates, group, comm, load_balan
     def ring_dilated_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None,
                                        sliding_window=None, softcap=None, is_causal=None, position_ids=None, **kwargs):
         """``transformers``' attention-function signature: ``[B, H, L, D]`` in, ``([B, L, H, D], None)`` out; the
-        documents, if any, come as ``cu_seq_lens_q`` over the whole sequence."""
-        state["layers_ran"] = True  # the next mask made starts the next forward
-        checks.check_keywords(kwargs)
-        if sliding_window is not None:
-            raise NotImplementedError(f"sliding_window={sliding_window} is not supported: "
-                                      f"{checks.sliding_window_fix(module.config)}")
-        if softcap is not None:
-            raise NotImplementedError(f"softcap={softcap} (attention logit soft-capping) is not supported: the "
-                                      f"fused kernels compute plain softmax attention; use a model without it")
-        if dropout:
-            raise NotImplementedError(f"attention dropout={dropout} is not supported: set config.attention_dropout "
-                                      f"= 0 (dropout on the attention output is fine)")
-        if query.shape[2] != key.shape[2]:
-            raise NotImplementedError(
-                f"queries ({query.shape[2]}) and keys ({key.shape[2]}) of different lengths, as in generation with a "
-                f"key/value cache, are not supported: generate with attn_implementation='sdpa'")
-        rank, size = group_rank_and_size(group)
-        length = query.shape[2]
-        rows, problem = checks.documents_of(kwargs, query.shape[0], length * size, query.device)
-        if rows is not None and state["mixers"]:
-            raise TypeError(f"{state['model']} mixes the sequence with {state['mixers']} beside attention, which would "
-                            f"cross the documents: packed documents and padding need a model whose every sequence "
-                            f"mixer is attention")
-        if rows is None and problem is None and state["documents_given"]:
-            state["not_received"].add(type(module).__name__)
-        problem = problem or checks.positions_problem(position_ids, rows, rank, length, size) or state["problem"]
-        if problem is None and rows is None and state["packed"]:
-            problem = ValueError, checks.PACKED
-        if problem is not None and problem[1] == checks.PACKED and state["not_received"]:
-            problem = NotImplementedError, checks.documents_lost(state)
-        if problem is None and attention_mask is not None:  # `no_mask` makes none: this one was handed over ready
-            problem = NotImplementedError, (f"an attention_mask of shape {tuple(attention_mask.shape)} is not "
-                                            f"supported: ring dilated attention applies its own pattern; pass "
-                                            f"attention_mask=None")
-        checks.refuse_together(problem, group, query.device)
+        documents, if any, come as ``cu_seq_lens_q`` over the whole sequence. Under ``torch.compile`` the checks run
+        in a custom op when the graph runs (`ring_attention.hf_checks.judge_in_graph`), as they do here in eager."""
+        call = checks.layer_call(state, module, query, key, attention_mask, kwargs, position_ids=position_ids,
+                                 dropout=dropout, sliding_window=sliding_window, softcap=softcap)
+        if torch.compiler.is_compiling():
+            zero = checks.judge_in_graph(call, query, group)
+            if call.refused is not None:  # the checks raise it first: the attention could not even be traced
+                return zero.expand(query.shape[0], query.shape[2], query.shape[1], value.shape[-1]), None
+            query = query + zero
+        else:
+            checks.judge(call, group, query.shape[0], query.shape[2], query.device, raise_lost=False)
         causal = getattr(module, "is_causal", True) if is_causal is None else is_causal
         # multi-head latent attention (DeepSeek-V2/V3) has value heads narrower than key heads: zero columns make
         # them equal and are cut off the output, which is then exactly attention with the narrower values
@@ -161,14 +138,16 @@ def apply_ring_dilated_attention(
     attention: only the kv heads' selected rows travel).
 
     Refused with a ``TypeError`` naming the model class, before anything changes: a model with attention layers
-    that do not call transformers' attention interface (Falcon, Bloom, GPT-Neo, MPT...), one with none, a
+    that do not call transformers' attention interface (Bloom, GPT-Neo, MPT...), one with none, a
     multimodal model (pass its text model, as the message says), and with a process group of more than one
     rank a model with other sequence mixers (Mamba, gated delta nets, short convolutions: Jamba, Bamba,
     Qwen3-Next, LFM2...). After the switch every layer that calls the interface is checked to use it. At run
     time every input the operator cannot honour raises with what to do (a padding mask given to the model, packed
     sequences without their documents, a sliding window, soft-capping, a position bias, attention sinks,
     cross-attention, ``output_attentions``, any keyword it does not know), on every rank of the group together
-    when it depends on one rank's data.
+    when it depends on one rank's data. Under ``torch.compile`` (``fullgraph=True`` too) the model compiles with
+    no graph break: every check runs when the graph runs, inside one custom op per layer, and raises as in eager
+    mode.
 
     Packed documents and padding: call the model with the ``cu_seq_lens_q`` that `shard_batch` returns (document
     boundaries over the whole sequence, the same on every rank); every document then gets what it would get

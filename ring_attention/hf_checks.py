@@ -4,6 +4,10 @@ A model is refused before anything changes when the switch would leave it silent
 attention interface, sub-models, other sequence mixers under a process group). At run time every input the operator
 cannot honour raises with what to do; the faults that depend on one rank's data (a padding mask, positions, the
 documents) are agreed on by every rank of the sequence group first (`refuse_together`), so none is left waiting.
+
+Each attention layer's call is gathered into a `LayerCall` and judged (`judge`). Under ``torch.compile`` the same
+judgement runs inside the custom op ``ring_attention::hf_checks`` when the graph runs (`judge_in_graph`): Dynamo can
+neither read tensor values nor raise while tracing, so nothing is checked at trace time, and the same errors come out.
 """
 
 from __future__ import annotations
@@ -12,14 +16,16 @@ import functools
 import inspect
 import re
 import weakref
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch._dynamo.comptime import comptime
 from transformers import PreTrainedModel
 from transformers.masking_utils import bidirectional_mask_function, causal_mask_function
 
 from ring_attention.comm import group_rank_and_size
-from ring_attention.validation import Boundaries, check_cu_seqlens
+from ring_attention.validation import Boundaries, CuSeqlens, check_cu_seqlens
 
 Problem = tuple[type, str] | None  # an exception type and its message, or nothing wrong
 # the attention-implementation names ring_attention.hf registered -> the run-time state of each (`new_state`)
@@ -82,7 +88,7 @@ def _class_names(modules) -> str:
 
 def _other_attention(model: torch.nn.Module) -> list[torch.nn.Module]:
     """Attention modules (by class name) that hold weights and neither call the interface nor contain a layer that
-    does: they compute attention their own way (Falcon, Bloom, GPT-Neo, MPT, torch's nn.MultiheadAttention...)."""
+    does: they compute attention their own way (Bloom, GPT-Neo, MPT, torch's nn.MultiheadAttention...)."""
     return [m for m in model.modules()
             if "attention" in type(m).__name__.lower() and next(m.parameters(), None) is not None
             and not any(_calls_attention_interface(type(inner)) for inner in m.modules())]
@@ -148,9 +154,10 @@ def check_switched(model: PreTrainedModel, attn_name: str, previous: str) -> Non
 
 
 def new_state(model: PreTrainedModel, mixers: list[torch.nn.Module]) -> dict:
-    """What the hooks and the mask function note for the attention layers of a forward, and what they need to know
-    of the model: its class name and its other sequence mixers (which would cross documents)."""
-    return dict(problem=None, layers_ran=True, packed=False, documents_given=False, not_received=set(),
+    """What the hooks and the mask function note for the attention layers of a forward (the masks made, and under
+    ``torch.compile`` a cross-attention call), and what they need to know of the model: its class name and its other
+    sequence mixers (which would cross documents)."""
+    return dict(masks=[], packed=[], cross=None, documents_given=False, not_received=set(),
                 model=type(model).__name__, mixers=_class_names(mixers))
 
 
@@ -177,15 +184,19 @@ def guard_cross_attention(model: torch.nn.Module) -> None:
 
 
 def _refuse_cross(inputs: dict[str, int], layer, args, kwargs) -> None:
-    if _state_of(layer) is None:
+    state = _state_of(layer)
+    if state is None:
         return
     for name, index in inputs.items():
         if kwargs.get(name, args[index] if index < len(args) else None) is not None:
-            raise NotImplementedError(
+            problem = NotImplementedError, (
                 f"cross-attention is not supported: {type(layer).__name__} was called with {name}, keys and values "
                 f"from another sequence, and ring dilated attention attends within one sequence split over ranks; "
                 f"switch only a model without cross-attention, e.g. an encoder-decoder's encoder "
                 f"(apply_ring_dilated_attention(model.get_encoder(), ...))")
+            if not torch.compiler.is_compiling():
+                raise problem[0](problem[1])
+            state["cross"] = problem  # a traced raise would end the compilation: the layer's checks raise it
 
 
 def guard_documents(model: torch.nn.Module) -> None:
@@ -195,7 +206,7 @@ def guard_documents(model: torch.nn.Module) -> None:
     no model hook, so only forwards are judged."""
     if model not in _DOCUMENT_HOOKS:
         _DOCUMENT_HOOKS[model] = (model.register_forward_pre_hook(_note_documents, with_kwargs=True),
-                                  model.register_forward_hook(_check_documents_received))
+                                  model.register_forward_hook(_end_forward, always_call=True))
 
 
 def _note_documents(model, args, kwargs) -> None:
@@ -204,19 +215,126 @@ def _note_documents(model, args, kwargs) -> None:
         state.update(documents_given=kwargs.get(DOCUMENTS) is not None, not_received=set())
 
 
-def documents_lost(state: dict) -> str:
-    return (f"{state['model']} was called with cu_seq_lens_q, but its {', '.join(sorted(state['not_received']))} "
+def documents_lost(model: str, not_received: set[str]) -> str:
+    return (f"{model} was called with cu_seq_lens_q, but its {', '.join(sorted(not_received))} "
             f"layers did not receive it (the model does not pass it on to attention): packed documents and padding "
             f"are not supported for this model")
 
 
-def _check_documents_received(model, args, output) -> None:
+def _end_forward(model, args, output) -> None:
+    """Forget the masks of this forward, also when it raised (the next forward makes its own; under ``torch.compile``
+    none is kept as an output of the graph), and refuse documents that some layers did not receive (under
+    ``torch.compile`` those layers' checks raise it)."""
     state = _state_of(model)
-    if state is not None and state["documents_given"] and state["not_received"]:
-        raise NotImplementedError(documents_lost(state))
+    if state is None:
+        return
+    state.update(masks=[], packed=[])
+    if output is not None and state["documents_given"] and state["not_received"] and not torch.compiler.is_compiling():
+        raise NotImplementedError(documents_lost(state["model"], state["not_received"]))
 
 
 # --- refusals at run time ---------------------------------------------------------------------------------------------
+@dataclass
+class LayerCall:
+    """What one attention layer's call is judged on (`judge`): the tensors whose values decide, and the refusals known
+    without reading any. The masks of the forward come as the padding masks they were given, up to and including the
+    first mask refused for what it is (``mask_problem``), and transformers' packed-sequence indices."""
+
+    refused: Problem  # raised at once (the same on every rank): a keyword, a window, dropout, lengths, cross-attention
+    position_ids: torch.Tensor | None  # [B or 1, L]
+    documents: CuSeqlens | None  # cu_seq_lens_q
+    keys: CuSeqlens | None  # cu_seq_lens_k
+    padding: list[torch.Tensor]  # [B, N] each: 1 (or True) for a real token
+    mask_problem: Problem
+    packed: list[torch.Tensor]  # [B, N] each: the index of each token's sequence in its row
+    mixers: str | None  # why documents are refused for this model, whatever they are
+    lost: str | None  # documents were given to the model and some layers did not receive them
+    given_mask: Problem  # an attention mask handed to the layer ready-made
+
+
+def layer_call(state: dict, module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
+               attention_mask: torch.Tensor | None, kwargs: dict, *, position_ids, dropout, sliding_window,
+               softcap) -> LayerCall:
+    """An attention layer's call (``query`` ``[B, H, L, D]``, ``key`` ``[B, H_kv, L_k, D]``) and what this forward's
+    masks noted in ``state``, as `judge` takes them."""
+    # Dynamo refuses a change of outside state inside an activation-checkpointed layer: in the usual case none is made
+    documents, keys = kwargs.get(DOCUMENTS), kwargs.get("cu_seq_lens_k")
+    not_received = state["not_received"]
+    if documents is None and keys is None and state["documents_given"]:
+        if torch.compiler.is_compiling():  # this layer's checks raise it (`judge_in_graph`)
+            not_received = not_received | {type(module).__name__}
+        else:  # the forward hook raises it at the end (`_end_forward`), unless a layer's data are refused first
+            not_received.add(type(module).__name__)
+    cross = state["cross"]
+    if cross is not None:
+        state["cross"] = None
+    refused = cross or keyword_problem(kwargs) or _setting_problem(module, query, key, dropout, sliding_window, softcap)
+    if torch.compiler.is_compiling() and not all(x is None or torch.is_tensor(x) for x in (documents, keys)):
+        refused = refused or (TypeError, "cu_seq_lens_q and cu_seq_lens_k must be tensors under torch.compile, as "
+                                         "shard_batch returns them")
+    padding, mask_problem = [], None
+    for mask, problem in state["masks"]:  # in the order they were made
+        if mask is not None:
+            padding.append(mask)
+        if problem is not None:  # its padding first, then itself: a later mask's is never reached
+            mask_problem = problem
+            break
+    given_mask = None
+    if attention_mask is not None:  # the mask function makes none: this one was handed over ready
+        given_mask = NotImplementedError, (f"an attention_mask of shape {tuple(attention_mask.shape)} is not "
+                                           f"supported: ring dilated attention applies its own pattern; pass "
+                                           f"attention_mask=None")
+    mixers = None
+    if state["mixers"]:
+        mixers = (f"{state['model']} mixes the sequence with {state['mixers']} beside attention, which would cross "
+                  f"the documents: packed documents and padding need a model whose every sequence mixer is attention")
+    return LayerCall(refused=refused, position_ids=position_ids, documents=documents, keys=keys, padding=padding,
+                     mask_problem=mask_problem, packed=state["packed"], mixers=mixers,
+                     lost=documents_lost(state["model"], not_received) if not_received else None,
+                     given_mask=given_mask)
+
+
+def _setting_problem(module, query, key, dropout, sliding_window, softcap) -> Problem:
+    if sliding_window is not None:
+        return NotImplementedError, (f"sliding_window={sliding_window} is not supported: "
+                                     f"{sliding_window_fix(module.config)}")
+    if softcap is not None:
+        return NotImplementedError, (f"softcap={softcap} (attention logit soft-capping) is not supported: the fused "
+                                     f"kernels compute plain softmax attention; use a model without it")
+    if dropout:
+        return NotImplementedError, (f"attention dropout={dropout} is not supported: set config.attention_dropout = 0 "
+                                     f"(dropout on the attention output is fine)")
+    if query.shape[2] != key.shape[2]:
+        return NotImplementedError, (
+            f"queries ({query.shape[2]}) and keys ({key.shape[2]}) of different lengths, as in generation with a "
+            f"key/value cache, are not supported: generate with attn_implementation='sdpa'")
+    return None
+
+
+def judge(call: LayerCall, group, batch: int, length: int, device: torch.device, *, raise_lost: bool) -> None:
+    """Raise what a layer's call of ``length`` tokens cannot honour: what the call itself shows on this rank at once,
+    what its data shows on every rank of the sequence group together. With ``raise_lost`` documents lost by some
+    layers are refused here rather than when the forward ends."""
+    if call.refused is not None:
+        raise call.refused[0](call.refused[1])
+    rank, size = group_rank_and_size(group)
+    rows, problem = documents_of(call.documents, call.keys, batch, length * size, device)
+    if rows is not None and call.mixers is not None:
+        raise TypeError(call.mixers)
+    problem = problem or positions_problem(call.position_ids, rows, rank, length, size)
+    if problem is None and any(not bool(mask.all()) for mask in call.padding):
+        problem = NotImplementedError, PADDING
+    problem = problem or call.mask_problem
+    # transformers' packed-sequence restriction: the positions restart inside a row
+    if problem is None and rows is None and any(bool((p != p[..., :1]).any()) for p in call.packed):
+        problem = ValueError, PACKED
+    if problem is not None and problem[1] == PACKED and call.lost is not None:
+        problem = NotImplementedError, call.lost
+    refuse_together(problem or call.given_mask, group, device)
+    if raise_lost and call.lost is not None:
+        raise NotImplementedError(call.lost)
+
+
 def refuse_together(problem: Problem, group, device: torch.device) -> None:
     """Raise on every rank of the sequence group when any rank's data is refused: a rank that raised alone would
     leave the others waiting in the operator's first exchange. One small all-reduce per call when all is well."""
@@ -234,7 +352,7 @@ def refuse_together(problem: Problem, group, device: torch.device) -> None:
         raise failing[0][1][0](f"refused on every rank of the sequence group ({listed})")
 
 
-def check_keywords(kwargs: dict) -> None:
+def keyword_problem(kwargs: dict) -> Problem:
     """Every keyword is used, harmless, or refused by name: none is dropped silently."""
     for name, value in kwargs.items():
         if value is None or name in _HARMLESS or name in (DOCUMENTS, "cu_seq_lens_k"):  # see `documents_of`
@@ -242,33 +360,49 @@ def check_keywords(kwargs: dict) -> None:
         if name in _REFUSED:
             if name == "output_attentions" and not value:
                 continue
-            raise NotImplementedError(_REFUSED[name])
+            return NotImplementedError, _REFUSED[name]
         shown = f"a tensor of shape {tuple(value.shape)}" if torch.is_tensor(value) else repr(value)
-        raise TypeError(f"the attention layer passed {name}={shown}, which ring dilated attention does not use and "
-                        f"would otherwise drop: use attn_implementation='sdpa' for this model")
+        return TypeError, (f"the attention layer passed {name}={shown}, which ring dilated attention does not use and "
+                           f"would otherwise drop: use attn_implementation='sdpa' for this model")
+    return None
 
 
-def mask_parts(mask_function) -> set[str]:
+def mask_parts(mask_function) -> tuple[set[str], list[torch.Tensor]]:
     """What transformers' mask function is made of: ``"pattern"`` (causal or bidirectional, which the operator applies
-    itself), ``"packed"`` (its packed-sequence restriction, found from restarting position_ids: the documents do it),
-    ``"overlay"`` (anything else, e.g. image tokens attending both ways). Read from the closures of its combinators;
-    a combinator unknown to this function counts as an overlay, so a changed transformers refuses rather than errs."""
-    if mask_function in (causal_mask_function, bidirectional_mask_function):
-        return {"pattern"}
-    name = getattr(mask_function, "__qualname__", "")
+    itself), ``"packed"`` (its packed-sequence restriction, whose ``[B, N]`` sequence indices come second: the
+    documents do it), ``"overlay"`` (anything else, e.g. image tokens attending both ways). Read from the closures of
+    its combinators; a combinator unknown to this function counts as an overlay, so a changed transformers refuses
+    rather than errs. Under ``torch.compile`` the closures are read as Dynamo holds them (`_traced_mask_parts`)."""
+    if torch.compiler.is_compiling():
+        return _traced_mask_parts(mask_function)
+    return _parts(mask_function, _open, torch.is_tensor, callable)
+
+
+def _parts(function, open_function, is_tensor, is_callable) -> tuple[set[str], list]:
+    """`mask_parts` of ``function``, opened by ``open_function`` into (the function if it exists outside a trace, its
+    qualified name, its closures' contents with tuples laid flat)."""
+    real, name, contents = open_function(function)
+    if real is not None and real in (causal_mask_function, bidirectional_mask_function):
+        return {"pattern"}, []
     if name.startswith("packed_sequence_mask_function."):
-        return {"packed"}
+        return {"packed"}, [c for c in contents if is_tensor(c)]
     if name.startswith(("and_masks.", "remap_positions_for_packed_sequence.")):
-        cells = [cell.cell_contents for cell in mask_function.__closure__ or ()]
-        inner = [f for c in cells for f in (c if isinstance(c, tuple) else (c,)) if callable(f)]
-        return set().union(*map(mask_parts, inner)) if inner else {"overlay"}
-    return {"overlay"}
+        inner = [_parts(c, open_function, is_tensor, is_callable) for c in contents if is_callable(c)]
+        if inner:
+            return set().union(*(parts for parts, _ in inner)), [t for _, tensors in inner for t in tensors]
+    return {"overlay"}, []
 
 
-def documents_of(kwargs: dict, batch: int, seq_len: int, device: torch.device) -> tuple[Boundaries | None, Problem]:
+def _open(function) -> tuple:
+    cells = [cell.cell_contents for cell in getattr(function, "__closure__", None) or ()]
+    return function, getattr(function, "__qualname__", ""), [x for c in cells for x in (c if isinstance(c, tuple)
+                                                                                         else (c,))]
+
+
+def documents_of(given: CuSeqlens | None, keys: CuSeqlens | None, batch: int, seq_len: int,
+                 device: torch.device) -> tuple[Boundaries | None, Problem]:
     """The documents an attention layer was given (``cu_seq_lens_q`` over the whole sequence of ``seq_len`` tokens),
     as host ints, or why they are refused (checked before the ranks agree, so a bad value raises on every rank)."""
-    given, keys = kwargs.get(DOCUMENTS), kwargs.get("cu_seq_lens_k")
     if keys is not None and (given is None or torch.as_tensor(keys).tolist() != torch.as_tensor(given).tolist()):
         return None, (ValueError, "cu_seq_lens_k must equal cu_seq_lens_q (the documents of the keys are those of "
                                   "the queries: self-attention); pass cu_seq_lens_q alone")
@@ -325,3 +459,96 @@ def positions_problem(position_ids: torch.Tensor | None, rows: Boundaries | None
                         f"{rank * length + where[-1]} of row {row} has position {given[where].item()} but is token "
                         f"{expected[where].item()} of its document; pass the position_ids shard_batch returns with "
                         f"these documents")
+
+
+# --- under torch.compile ----------------------------------------------------------------------------------------------
+# Dynamo can neither read a tensor's values nor raise without ending the compilation (fullgraph=True refuses a graph
+# break): the data checks and every refusal run in one custom op, on the host, when the compiled graph runs. What
+# is known while tracing travels as strings, a refusal as "ExceptionName: message".
+_KINDS = {kind.__name__: kind for kind in (ValueError, TypeError, NotImplementedError)}
+
+
+def _text(problem: Problem) -> str:
+    return "" if problem is None else f"{problem[0].__name__}: {problem[1]}"
+
+
+def _problem(text: str) -> Problem:
+    kind, _, message = text.partition(": ")
+    return (_KINDS[kind], message) if text else None
+
+
+def judge_in_graph(call: LayerCall, query: torch.Tensor, group) -> torch.Tensor:
+    """`judge` under ``torch.compile``: the op ``ring_attention::hf_checks`` runs it when the graph runs. Returns a
+    0-dim zero of ``query``'s dtype, which the caller adds to the query: the attention then depends on the checks,
+    which no compiler can drop or move after it, and the query and its gradient are unchanged."""
+    documents, keys = (x if torch.is_tensor(x) else None for x in (call.documents, call.keys))  # else refused
+    return _judge_op(query.detach(), call.position_ids, documents, keys, call.padding, call.packed,
+                     _text(call.refused), _text(call.mask_problem), call.mixers or "", call.lost or "",
+                     _text(call.given_mask), "" if group is None else group.group_name)
+
+
+@torch.library.custom_op("ring_attention::hf_checks", mutates_args=())
+def _judge_op(query: torch.Tensor, position_ids: torch.Tensor | None, documents: torch.Tensor | None,
+              keys: torch.Tensor | None, padding: list[torch.Tensor], packed: list[torch.Tensor], refused: str,
+              mask_problem: str, mixers: str, lost: str, given_mask: str, group_name: str) -> torch.Tensor:
+    """`judge` of one layer's call, `LayerCall`'s fields as arguments (refusals as `_text`); the layer's ``query``
+    ``[B, H, L, D]`` gives the sizes and the device. Documents lost by some layers are refused here: the model's
+    forward hook cannot raise under ``torch.compile``."""
+    call = LayerCall(refused=_problem(refused), position_ids=position_ids, documents=documents, keys=keys,
+                     padding=padding, mask_problem=_problem(mask_problem), packed=packed, mixers=mixers or None,
+                     lost=lost or None, given_mask=_problem(given_mask))
+    group = dist.distributed_c10d._resolve_process_group(group_name) if group_name else None
+    judge(call, group, query.shape[0], query.shape[2], query.device, raise_lost=True)
+    return query.new_zeros(())
+
+
+@_judge_op.register_fake
+def _(query, *args):
+    return query.new_zeros(())
+
+
+UNREAD = ("under torch.compile, ring dilated attention could not read how transformers' mask function is made (with "
+          f"torch {torch.__version__}), so it cannot tell whether the mask adds to the causal pattern: run the model "
+          "without torch.compile")
+
+
+def _traced_mask_parts(mask_function) -> tuple[set[str], list[torch.Tensor]]:
+    """`mask_parts` while Dynamo traces: a function made inside the trace has no closures Python can read, but Dynamo
+    holds their contents. `_read_traced_mask` reads them at trace time and sets ``read`` below; if it cannot (another
+    torch), ``read`` stays None and the mask is refused (`UNREAD`)."""
+    read = None
+    comptime(_read_traced_mask)
+    if read is None:
+        return {"unread"}, []
+    names, *packed = read
+    return set(names.split(",")), packed
+
+
+def _read_traced_mask(context) -> None:
+    """Run by Dynamo inside `_traced_mask_parts`'s frame (``comptime``): `_parts` of its ``mask_function`` from
+    Dynamo's variables, stored in the frame's ``read`` as the names joined by commas, then the packed-sequence
+    indices (tensors of the graph). This reads Dynamo's internals, which have no stable API: anything unexpected
+    leaves ``read`` unset."""
+    try:
+        from torch._dynamo.variables import ConstantVariable, TensorVariable, TupleVariable
+
+        tracer = context._i_will_not_complain_if_bc_breaks_InstructionTranslator()
+        function = context.get_local("mask_function")._i_will_not_complain_if_bc_breaks_VariableTracker()
+
+        def open_traced(variable):
+            variable = variable.realize()
+            real = getattr(variable, "fn", None)  # a function made before the trace, as causal_mask_function
+            if real is not None or getattr(variable, "closure", None) is None:
+                return real, getattr(real, "__qualname__", ""), []
+            contents = [tracer.output.side_effects.load_cell(cell) for cell in variable.closure.items]
+            flat = [x for c in contents for x in (c.items if isinstance(c, TupleVariable) else (c,))]
+            return None, variable.get_code().co_qualname, flat
+
+        def is_callable(variable):
+            kind = variable.python_type()
+            return any("__call__" in vars(k) for k in kind.__mro__)
+
+        parts, packed = _parts(function, open_traced, lambda v: isinstance(v.realize(), TensorVariable), is_callable)
+        tracer.symbolic_locals["read"] = TupleVariable([ConstantVariable.create(",".join(sorted(parts))), *packed])
+    except Exception:  # noqa: BLE001 - see the docstring: `_traced_mask_parts` then refuses the mask
+        return

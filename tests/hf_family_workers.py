@@ -115,8 +115,6 @@ FAMILIES = [
     Family("qwen3_next", NOT_WITH_A_GROUP, "gated delta nets; one process: accepted, not tested", {},
            error=(TypeError, "Qwen3NextForCausalLM mixes the sequence with .*Qwen3NextGatedDeltaNet"),
            refused_by="apply"),
-    Family("falcon", REFUSED, "not on the attention interface", dict(hidden_size=32, num_hidden_layers=2,
-           num_attention_heads=4, vocab_size=hw.VOCAB), error=_NOT_ON_INTERFACE, refused_by="apply"),
     Family("bloom", REFUSED, "not on the attention interface", dict(hidden_size=32, n_layer=2, n_head=4,
            vocab_size=hw.VOCAB), error=_NOT_ON_INTERFACE, refused_by="apply"),
     Family("gpt_neo", REFUSED, "not on the attention interface", dict(hidden_size=32, num_layers=2, num_heads=4,

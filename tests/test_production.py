@@ -185,7 +185,6 @@ def test_rejected_constructor_options(kwargs, words):
         (dict(need_weights=True), "need_weights=True is not supported"),
         (dict(attn_mask=torch.zeros(8, 8, dtype=torch.bool)),
          "attn_mask is not supported except for the causal mask: .* use causal=True"),
-        (dict(key_padding_mask=torch.zeros(2, 8, dtype=torch.bool)), "key_padding_mask is not supported: pad"),
     ],
 )
 def test_rejected_forward_options(kwargs, words):
@@ -193,6 +192,13 @@ def test_rejected_forward_options(kwargs, words):
     x = torch.randn(2, 8, 16)
     with pytest.raises(NotImplementedError, match=words):
         module(x, x, x, **kwargs)
+
+
+def test_a_key_padding_mask_without_padding_changes_nothing():
+    module = RingMultiheadDilatedAttention(16, 4, batch_first=True, segment_lengths=[8], dilation_rates=[1])
+    x = torch.randn(2, 8, 16)
+    out, _ = module(x, x, x, key_padding_mask=torch.zeros(2, 8, dtype=torch.bool))
+    assert torch.equal(out, module(x, x, x)[0])
 
 
 @pytest.mark.parametrize(

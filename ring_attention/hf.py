@@ -45,6 +45,7 @@ try:
     from transformers.masking_utils import causal_mask_function
 
     from ring_attention import hf_checks as checks
+    from ring_attention import hf_masks as masks
 except ImportError as error:  # the package imports without the extra; this module needs it
     raise ImportError("ring_attention.hf needs transformers: pip install 'ring-attention[hf]'") from error
 
@@ -61,7 +62,7 @@ def _mask_function(state: dict):
         refuse it on every rank together: the padding mask given, a sliding window or chunks that a layer uses, an
         overlay; and the packed-sequence indices, refused unless the layers get documents
         (`ring_attention.hf_checks.judge`)."""
-        parts, packed = checks.mask_parts(mask_function)
+        parts, packed = masks.mask_parts(mask_function)
         problem = None
         if local_size is not None:  # a sliding-window or chunked mask: unused when every layer is full
             layer_types = getattr(config, "layer_types", None)
@@ -74,7 +75,7 @@ def _mask_function(state: dict):
                 "transformers asked for a mask beyond the causal one and the documents (an overlay such as image "
                 "tokens attending both ways), and ring dilated attention applies its own pattern: remove the overlay")
         elif "unread" in parts:
-            problem = NotImplementedError, checks.UNREAD
+            problem = NotImplementedError, masks.UNREAD
         state["masks"].append((attention_mask, problem))
         state["packed"].extend(packed)
         return None

@@ -394,10 +394,12 @@ def gpu() -> str:
     return section("The GPU check", r, None, body)
 
 
-# `--quick` runs, measured with `/usr/bin/time python benchmarks/NAME.py --quick` on 2026-11-29 on the machine of the
-# committed results while other jobs shared its 2 cores: (wall seconds, CPU seconds of all its processes)
-QUICK_RUNS = {"ring_overhead": (75, 52), "comm_families": (58, 45), "overhead": (196, 118), "kernels": (596, 406),
-              "scaling": (64, 55), "memory": (44, 68), "million_tokens": (492, 463), "balance": (35, 31)}
+# `--quick` runs, measured with `/usr/bin/time python benchmarks/NAME.py --quick` on 2026-12-07 in a run of CI's first
+# leg (.ci/run) on the machine of the committed results, nothing else running: (wall seconds, CPU seconds of all its
+# processes)
+QUICK_RUNS = {"kernels": (9, 13), "scaling": (39, 51), "ring_overhead": (34, 57), "memory": (48, 77),
+              "million_tokens": (17, 29), "balance": (19, 31), "comm_families": (28, 48), "overhead": (81, 113),
+              "projection": (6, 6), "packing": (32, 43), "packing_profile": (19, 25), "compile": (73, 111)}
 
 
 def main() -> None:
@@ -407,8 +409,8 @@ def main() -> None:
              f"(with the machine, torch version, thread count and command line) and its plots to "
              f"`benchmarks/results/`; this page is generated from those files by `python benchmarks/report.py`. "
              f"Every script also has a `--quick` mode, a smaller run written to `benchmarks/results/quick/` (not "
-             f"committed) that checks the script works. Measured here with `/usr/bin/time` while other jobs shared "
-             f"the cores, wall time (CPU time of all its processes): {quick}.\n\nMachine: {machine['cpu']}, "
+             f"committed) that checks the script works. Measured here with `/usr/bin/time` in a CI run, wall time "
+             f"(CPU time of all its processes): {quick}.\n\nMachine: {machine['cpu']}, "
              f"{machine['cores']} cores, {machine['memory_gib']} GiB, torch {machine['torch']}, no GPU. The GPU "
              f"numbers, where they exist, are in the last section, with the GPU and versions they came from.\n")
     parts = [intro, kernels(), scaling(), overhead(), ring_overhead(), memory(), million_tokens(), balance(),

@@ -165,7 +165,7 @@ def _state_of(module: torch.nn.Module) -> dict | None:
 
 # --- hooks ----------------------------------------------------------------------------------------------------------
 _CROSS_HOOKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # layer -> its hook (one each, re-applied)
-_DOCUMENT_HOOKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> its two hooks
+_DOCUMENT_HOOKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> its hooks
 
 
 def guard_cross_attention(model: torch.nn.Module) -> None:
@@ -201,10 +201,12 @@ def guard_documents(model: torch.nn.Module) -> None:
     """Hook the switched model: when it is called with ``cu_seq_lens_q``, every attention layer of that forward must
     receive it. A model that does not pass it on (StableLM) would attend across documents: it raises when the forward
     ends, on every rank alike (its layers are the same on all). A layer recomputed under gradient checkpointing runs
-    no model hook, so only forwards are judged."""
+    no model hook, so only forwards are judged. The base model (the decoder stack of a ``...ForCausalLM``) ends its
+    forwards too, so a caller of it alone does not carry one forward's masks into the next."""
     if model not in _DOCUMENT_HOOKS:
+        ends = {id(m): m for m in (model, getattr(model, "base_model", model))}.values()
         _DOCUMENT_HOOKS[model] = (model.register_forward_pre_hook(_note_documents, with_kwargs=True),
-                                  model.register_forward_hook(_end_forward, always_call=True))
+                                  *(m.register_forward_hook(_end_forward, always_call=True) for m in ends))
 
 
 def _note_documents(model, args, kwargs) -> None:

@@ -43,6 +43,21 @@ def test_the_operator_refuses_what_it_cannot_honour():
         apply_ring_dilated_attention(torch.nn.Linear(2, 2), [8], [1])
 
 
+def test_a_refusal_ends_with_its_forward_whichever_module_is_called():
+    """The masks of a forward are forgotten when it ends, also when the caller runs the decoder stack alone."""
+    ids = hw.batch(2)
+    model = hw.tiny()
+    apply_ring_dilated_attention(model, *hw.PAIRS)
+    padding = torch.ones_like(ids)
+    padding[0, -4:] = 0
+    for forward in (model, model.model):
+        for _ in range(2):
+            with pytest.raises(NotImplementedError, match="a padding attention_mask is not supported"):
+                forward(input_ids=ids, attention_mask=padding)
+            assert rel_err(forward(input_ids=ids)[0], model.model(input_ids=ids)[0] if forward is model.model
+                           else model(input_ids=ids).logits) == 0
+
+
 def test_every_keyword_is_used_harmless_or_refused():
     model = hw.tiny()
     forward = AttentionInterface()[apply_ring_dilated_attention(model, [hw.SEQ], [1])]

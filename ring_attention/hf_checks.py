@@ -23,6 +23,7 @@ import torch.distributed as dist
 from transformers import PreTrainedModel
 
 from ring_attention.comm import group_rank_and_size
+from ring_attention.ops import group_by_name, group_name
 from ring_attention.validation import Boundaries, CuSeqlens, check_cu_seqlens
 
 Problem = tuple[type, str] | None  # an exception type and its message, or nothing wrong
@@ -452,21 +453,20 @@ def judge_in_graph(call: LayerCall, query: torch.Tensor, group) -> torch.Tensor:
     documents, keys = (x if torch.is_tensor(x) else None for x in (call.documents, call.keys))  # else refused
     return _judge_op(query.detach(), call.position_ids, documents, keys, call.padding, call.packed,
                      _text(call.refused), _text(call.mask_problem), call.mixers or "", call.lost or "",
-                     _text(call.given_mask), "" if group is None else group.group_name)
+                     _text(call.given_mask), group_name(group))
 
 
 @torch.library.custom_op("ring_attention::hf_checks", mutates_args=())
 def _judge_op(query: torch.Tensor, position_ids: torch.Tensor | None, documents: torch.Tensor | None,
               keys: torch.Tensor | None, padding: list[torch.Tensor], packed: list[torch.Tensor], refused: str,
-              mask_problem: str, mixers: str, lost: str, given_mask: str, group_name: str) -> torch.Tensor:
+              mask_problem: str, mixers: str, lost: str, given_mask: str, group: str) -> torch.Tensor:
     """`judge` of one layer's call, `LayerCall`'s fields as arguments (refusals as `_text`); the layer's ``query``
     ``[B, H, L, D]`` gives the sizes and the device. Documents lost by some layers are refused here: the model's
     forward hook cannot raise under ``torch.compile``."""
     call = LayerCall(refused=_problem(refused), position_ids=position_ids, documents=documents, keys=keys,
                      padding=padding, mask_problem=_problem(mask_problem), packed=packed, mixers=mixers or None,
                      lost=lost or None, given_mask=_problem(given_mask))
-    group = dist.distributed_c10d._resolve_process_group(group_name) if group_name else None
-    judge(call, group, query.shape[0], query.shape[2], query.device, raise_lost=True)
+    judge(call, group_by_name(group), query.shape[0], query.shape[2], query.device, raise_lost=True)
     return query.new_zeros(())
 
 

@@ -32,7 +32,13 @@ _CONFIG = ("segment_lengths", "dilation_rates", "causal", "head_mode", "comm", "
            "ulysses_size", "num_heads", "num_kv_heads")
 
 
-def _group(name: str):
+def group_name(group: dist.ProcessGroup | None) -> str:
+    """How a custom op takes a process group: its registered name, ``""`` for none (one process)."""
+    return "" if group is None else group.group_name
+
+
+def group_by_name(name: str) -> dist.ProcessGroup | None:
+    """The process group a custom op was given by `group_name`."""
     return dist.distributed_c10d._resolve_process_group(name) if name else None
 
 
@@ -49,7 +55,7 @@ def _parts(q, k, cu_seqlens, config, group_name: str, check: bool):
     """The call's parts; with ``check``, first the ranks' agreement on their shards and documents."""
     from ring_attention.functional import call_parts, checked_documents
 
-    group = _group(group_name)
+    group = group_by_name(group_name)
     size = 1 if group is None else group.size()
     seq_len = q.shape[1] * size // config.ulysses_size
     rows = checked_documents(cu_seqlens, seq_len, q.shape[0], q.device, q, k, group if check else None)
@@ -127,7 +133,7 @@ def all_to_all(tensors: list[torch.Tensor], cu_seqlens: torch.Tensor | None, gro
                to_heads: bool, check: bool) -> list[torch.Tensor]:
     """`ring_attention.ulysses`'s all-to-all of each tensor, sequence shards to head shards (``to_heads``) or back;
     with ``check`` (q, k, v on their way in) it first checks that the ranks agree on their shards and documents."""
-    group = _group(group_name)
+    group = group_by_name(group_name)
     sub = ulysses_groups(group, ulysses_size)[0]
     if check:
         from ring_attention.functional import checked_documents
@@ -169,14 +175,14 @@ def _as_tensor(cu_seqlens, seq_len: int) -> torch.Tensor | None:
 
 def compiled_attention(q, k, v, cu_seqlens, config, group) -> torch.Tensor:
     """`ring_dilated_attention` through the custom ops (under ``torch.compile``)."""
-    group_name = "" if group is None else group.group_name
+    group_key = group_name(group)
     size = 1 if group is None else group.size()
     cu_seqlens = _as_tensor(cu_seqlens, q.shape[1] * size)
     values = [getattr(config, name) for name in _CONFIG]
     values[0], values[1] = list(values[0]), list(values[1])
     if config.ulysses_size > 1:
-        q, k, v = all_to_all([q, k, v], cu_seqlens, group_name, config.ulysses_size, True, True)
-    out, _ = attention(q, k, v, cu_seqlens, *values, group_name)
+        q, k, v = all_to_all([q, k, v], cu_seqlens, group_key, config.ulysses_size, True, True)
+    out, _ = attention(q, k, v, cu_seqlens, *values, group_key)
     if config.ulysses_size > 1:
-        (out,) = all_to_all([out], None, group_name, config.ulysses_size, False, False)
+        (out,) = all_to_all([out], None, group_key, config.ulysses_size, False, False)
     return out

@@ -14,12 +14,18 @@ from transformers import AttentionInterface, Qwen2ForCausalLM
 from ring_attention.hf import apply_ring_dilated_attention
 
 
-def test_the_operator_refuses_what_it_cannot_honour():
+def switched_with_padding():
+    """The tiny Llama switched to ring dilated attention, a batch, and a padding mask for it (row 0 ends padded)."""
     ids = hw.batch(2)
     model = hw.tiny()
     apply_ring_dilated_attention(model, *hw.PAIRS)
     padding = torch.ones_like(ids)
     padding[0, -4:] = 0
+    return model, ids, padding
+
+
+def test_the_operator_refuses_what_it_cannot_honour():
+    model, ids, padding = switched_with_padding()
     with pytest.raises(NotImplementedError, match="a padding attention_mask is not supported"):
         model(input_ids=ids, attention_mask=padding)
     assert rel_err(model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits, model(input_ids=ids).logits) == 0
@@ -45,11 +51,7 @@ def test_the_operator_refuses_what_it_cannot_honour():
 
 def test_a_refusal_ends_with_its_forward_whichever_module_is_called():
     """The masks of a forward are forgotten when it ends, also when the caller runs the decoder stack alone."""
-    ids = hw.batch(2)
-    model = hw.tiny()
-    apply_ring_dilated_attention(model, *hw.PAIRS)
-    padding = torch.ones_like(ids)
-    padding[0, -4:] = 0
+    model, ids, padding = switched_with_padding()
     for forward in (model, model.model):
         for _ in range(2):
             with pytest.raises(NotImplementedError, match="a padding attention_mask is not supported"):

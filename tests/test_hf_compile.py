@@ -5,6 +5,7 @@ and what eager mode refuses is refused alike (same type and message, on every ra
 import functools
 
 import hf_compile_workers as cw
+import hf_family_workers as fw
 import hf_workers as hw
 import pytest
 import torch
@@ -100,6 +101,20 @@ def test_refusals_are_eager_modes(case, inputs, kind, words):
     assert raised["frames"] == 1, case
     assert raised["compiled"] == raised["eager"], (case, raised)
     assert raised["eager"][0] == kind.__name__ and words in raised["eager"][1], (case, raised)
+
+
+def test_documents_as_a_list_are_refused_under_compile_by_name():
+    """A list of ints would be a constant of the graph (a new layout, a new compilation): compiled, the documents
+    must be the tensor shard_batch returns; eager mode takes either."""
+    ids, positions, _, documents = shard_batch(hw.batch(2), position_ids=PACKED, process_group=None)
+    model = cw.model_for(hw.PAIRS, None)
+    compiled = torch.compile(cw.logits, fullgraph=True, backend="aot_eager")
+    as_list = documents.tolist()
+    assert torch.equal(cw.logits(model, input_ids=ids, position_ids=positions, cu_seq_lens_q=as_list),
+                       cw.logits(model, input_ids=ids, position_ids=positions, cu_seq_lens_q=documents))
+    kind, message = fw.raised(compiled, model, input_ids=ids, position_ids=positions, cu_seq_lens_q=as_list)
+    assert kind == "TypeError" and message == ("cu_seq_lens_q and cu_seq_lens_k must be tensors under torch.compile, "
+                                               "as shard_batch returns them")
 
 
 @functools.cache

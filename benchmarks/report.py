@@ -39,10 +39,17 @@ def kernels() -> str:
              f"{x['gflops']:.0f}", f"{x['roofline_gflops']:.0f}", f"{x['percent_of_roofline']:.0f}%"]
             for x in r["results"]["rows"]]
     best = max((x for x in r["results"]["rows"] if x["dtype"] == "float32"), key=lambda x: x["percent_of_roofline"])
+    bf16 = r["results"]["bf16_matmul_gflops_512"]
+    if any(x["dtype"] == "bfloat16" for x in r["results"]["rows"]):
+        about_bf16 = ("bf16 matmuls are much faster here than the bf16 attention kernel, so its share of that "
+                      "roofline is lower")
+    else:
+        about_bf16 = (f"bf16 is not measured: this machine has no bf16 matrix units (a bf16 matmul of 512 runs at "
+                      f"{bf16:.1f} GFLOP/s), and its bf16 oracle would take minutes per call")
     body = (f"One `[1, {block['length']}, {block['heads']}, {block['head_dim']}]` block, forward + backward, against "
             f"this machine's dense matmul FLOP/s measured in the same run. The fused CPU kernel reaches "
-            f"{best['percent_of_roofline']:.0f}% of the fp32 matmul rate; bf16 matmuls are much faster here than "
-            f"the bf16 attention kernel, so its share of that roofline is lower. `math` is the explicit oracle.\n\n"
+            f"{best['percent_of_roofline']:.0f}% of the fp32 matmul rate; {about_bf16}. `math` is the explicit "
+            f"oracle.\n\n"
             + table(["backend", "dtype", "causal", "ms", "GFLOP/s", "matmul GFLOP/s", "of roofline"], rows))
     return section("Kernels vs the matmul roofline", r, "kernels.png", body)
 
@@ -339,7 +346,8 @@ def projection() -> str:
     body = (f"`benchmarks/projection.py` predicts, for one forward + backward of the attention on P ranks, each "
             f"rank's FLOPs, bytes received, peak memory and time, from the code's own counts "
             f"(`ring_attention.cost`) and a hardware profile.\n\n**Measured, against the model**: the CPU profile "
-            f"is this machine's kernel rates ({rates}; head dim 64 from `kernels.json`), gloo's loopback "
+            f"is this machine's kernel rates ({rates}; head dim 64 from `kernels.json`, head dim 32 from "
+            f"`million_tokens.json`, measured {load('million_tokens')['date'][:10]}), gloo's loopback "
             f"({profile['loopback_bytes_per_s'] / 2**30:.2f} GiB/s over all ranks, "
             f"{1e3 * profile['seconds_per_message']:.1f} ms per waiting message) and the kernels' transient memory "
             f"({profile['transient']:.2f} of a shard, {profile['first_call_mib']:.0f} MiB more in a first call); "

@@ -1,11 +1,15 @@
 """Run a function on ``world_size`` processes of this machine and collect what each returns.
 
 Used by the tests, the notebooks and the tour. ``fn`` must be importable (defined in a module, not in a
-notebook cell: spawned processes import it by name). Every rank's return value (tensors included) comes
-back to the caller; a rank that raises makes `run_on_ranks` terminate every rank and raise with
-that rank's traceback, and a group that does not finish within ``timeout`` seconds is terminated too,
-so nothing hangs. Children print nothing: their output would interleave unpredictably in a notebook,
-so results travel back through a queue and the caller prints them.
+notebook cell: the ranks import it by name). The ranks are forked from a server process that imported torch
+once (multiprocessing's ``forkserver``), so starting 8 ranks takes a fraction of a second instead of 8
+imports of torch; they see the caller's environment as it is at the launch (when it changed since the
+server started, the ranks are spawned afresh instead: slower, but they read the new environment).
+
+Every rank's return value (tensors included) comes back to the caller; a rank that raises makes
+`run_on_ranks` terminate every rank and raise with that rank's traceback, and a group that does not finish
+within ``timeout`` seconds is terminated too, so nothing hangs. Children print nothing: their output would
+interleave unpredictably in a notebook, so results travel back through a queue and the caller prints them.
 
 Under ``torchrun`` (the ``RANK``/``WORLD_SIZE`` variables are set) nothing is spawned: this process
 joins the group through ``env://`` (pick ``backend="nccl"`` on GPUs), runs ``fn`` once, and every rank
@@ -15,9 +19,11 @@ receives the list of all ranks' results.
 from __future__ import annotations
 
 import io
+import multiprocessing.forkserver
 import os
 import queue
 import socket
+import sys
 import time
 import traceback
 from collections.abc import Callable
@@ -33,6 +39,30 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+# what the fork server imports once for every rank (transformers too when the caller has imported it); not
+# ring_attention: a rank may import another copy of it (benchmarks/overhead.py measures an earlier one)
+_PRELOAD = ("torch", "torch.distributed")
+_server_environment: dict[str, str] | None = None
+
+
+def _environment() -> dict[str, str]:
+    """This process's environment, less what pytest rewrites for every test (no rank reads it)."""
+    return {k: v for k, v in os.environ.items() if k != "PYTEST_CURRENT_TEST"}
+
+
+def _start_context():
+    """The fork server's context, or spawn's where the server cannot serve this launch (see the module docstring)."""
+    global _server_environment
+    if "forkserver" not in mp.get_all_start_methods():
+        return mp.get_context("spawn")
+    if _server_environment is None:
+        context = mp.get_context("forkserver")
+        context.set_forkserver_preload([*_PRELOAD, *(m for m in ("transformers",) if m in sys.modules)])
+        multiprocessing.forkserver.ensure_running()
+        _server_environment = _environment()
+    return mp.get_context("forkserver" if _environment() == _server_environment else "spawn")
 
 
 def _to_bytes(value: Any) -> bytes:
@@ -87,7 +117,7 @@ def run_on_ranks(
         raise ValueError(f"world_size must be a positive int, got {world_size!r}")
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
         return _run_under_torchrun(fn, args, backend)
-    ctx = mp.get_context("spawn")
+    ctx = _start_context()
     results = ctx.Queue()
     port = _free_port()
     procs = [

@@ -2,7 +2,7 @@
 
 The tests, the notebooks and the tour all ask the same question: "run stage X on P ranks, forward and
 backward, and give me every rank's rows". The worker lives here, in an importable module, because
-spawned processes cannot import functions defined in a notebook.
+the ranks import it by name, and a function defined in a notebook cannot be imported.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Functions run on spawned ranks by the production tests (importable, as spawn requires)."""
+"""Functions run on spawned ranks by the production tests (importable: the ranks import them by name)."""
 
 import torch
 import torch.distributed as dist

@@ -1,4 +1,4 @@
-"""Functions run on spawned ranks by the tests (importable, as spawn requires)."""
+"""Functions run on spawned ranks by the tests (importable: the ranks import them by name)."""
 
 import importlib
 import time

@@ -326,12 +326,19 @@ def calibrated(hw: Hardware, runs: dict) -> tuple[Hardware, float]:
             t = measured["seconds"]
             rows.append((per_byte / t, per_message / t))
             targets.append((t - base) / t)
-    (aa, ab), bb = [(sum(r[0] * r[i] for r in rows)) for i in (0, 1)], sum(r[1] ** 2 for r in rows)
-    ya, yb = (sum(r[i] * y for r, y in zip(rows, targets)) for i in (0, 1))
-    det = aa * bb - ab * ab
-    seconds_per_byte, latency = (bb * ya - ab * yb) / det, (aa * yb - ab * ya) / det
-    if min(seconds_per_byte, latency) < 0:  # a negative cost is noise: fit the other one alone
-        seconds_per_byte, latency = (max(0.0, ya / aa), 0.0) if latency < 0 else (0.0, max(0.0, yb / bb))
+    # the normal equations of [bytes, messages] x [seconds per byte, seconds per message] = targets
+    bytes_bytes = sum(b * b for b, _ in rows)
+    bytes_messages = sum(b * m for b, m in rows)
+    messages_messages = sum(m * m for _, m in rows)
+    bytes_target = sum(b * y for (b, _), y in zip(rows, targets))
+    messages_target = sum(m * y for (_, m), y in zip(rows, targets))
+    det = bytes_bytes * messages_messages - bytes_messages**2
+    seconds_per_byte = (messages_messages * bytes_target - bytes_messages * messages_target) / det
+    latency = (bytes_bytes * messages_target - bytes_messages * bytes_target) / det
+    if latency < 0:  # a negative cost is noise: fit the other one alone
+        seconds_per_byte, latency = max(0.0, bytes_target / bytes_bytes), 0.0
+    elif seconds_per_byte < 0:
+        seconds_per_byte, latency = 0.0, max(0.0, messages_target / messages_messages)
     bandwidth = 1 / seconds_per_byte if seconds_per_byte > 0 else math.inf
     hw = replace(hw, link_bytes_per_s=bandwidth, network_bytes_per_s=bandwidth, latency_s=latency)
     c, measured = runs["million_tokens"]
